@@ -1,0 +1,25 @@
+# Two commands for a fresh machine: `make run` (set up everything, start the app) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup run test bench doctor clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(VENV)/bin/avatarchat serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(PY) -m pytest --cov=avatarchat --cov-report=term --cov-fail-under=80 $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run_all.py
+
+doctor: setup
+	$(VENV)/bin/avatarchat doctor
+
+clean:
+	rm -rf $(VENV) .pytest_cache .coverage

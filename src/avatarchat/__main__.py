@@ -1,0 +1,3 @@
+from avatarchat.cli import main
+
+raise SystemExit(main())

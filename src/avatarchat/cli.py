@@ -1,0 +1,102 @@
+"""The ``avatarchat`` command: serve, say, chat, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from avatarchat.config import ConfigError, Settings, load_settings
+
+@contextmanager
+def step(what: str) -> Iterator[None]:
+    """Show progress of a long step on stderr."""
+    print(f"… {what}", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(" failed", file=sys.stderr)
+        raise
+    print(f"\r✓ {what} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="avatarchat", description=__doc__)
+    parser.add_argument("--config", help="YAML config file (default: $AVATARCHAT_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the web app")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    say = sub.add_parser("say", help="render the avatar speaking TEXT to an MP4")
+    say.add_argument("text")
+    say.add_argument("-o", "--output", required=True, type=Path)
+    say.add_argument("--avatar")
+
+    chat = sub.add_parser("chat", help="ask the LLM and render its answer to an MP4")
+    chat.add_argument("text")
+    chat.add_argument("-o", "--output", required=True, type=Path)
+    chat.add_argument("--avatar")
+
+    sub.add_parser("doctor", help="check engines, model files, dependencies and the port")
+
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    if args.command == "serve":
+        return _serve(settings, args.host, args.port)
+    if args.command == "doctor":
+        from avatarchat.doctor import run_doctor
+
+        return run_doctor(settings)
+    if args.command == "say":
+        return _render(settings, args.text, args.output, args.avatar, ask_llm=False)
+    return _render(settings, args.text, args.output, args.avatar, ask_llm=True)
+
+
+def _serve(settings: Settings, host: str | None, port: int | None) -> int:
+    import uvicorn
+
+    from avatarchat.logs import setup_logging
+    from avatarchat.server.app import create_app
+
+    setup_logging(settings.server.log_level, settings.server.log_json)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=host or settings.server.host,
+        port=port if port is not None else settings.server.port,
+        log_level=settings.server.log_level,
+        # Above our own limit, so oversized messages get an error event instead of a dropped socket.
+        ws_max_size=max(4 * settings.server.max_message_bytes, 1 << 20),
+        ws_ping_interval=20,
+        ws_ping_timeout=20,
+    )
+    return 0
+
+
+def _render(settings: Settings, text: str, output: Path, avatar: str | None, ask_llm: bool) -> int:
+    from avatarchat.render import RenderError, render_to_file
+
+    try:
+        info = render_to_file(settings, text, output, avatar or settings.avatar.default, ask_llm=ask_llm, step=step)
+    except RenderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if ask_llm:
+        print(info.text)
+    print(f"wrote {output} ({info.seconds:.2f} s of video, {info.frames} frames)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

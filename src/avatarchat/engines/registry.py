@@ -1,0 +1,94 @@
+"""Build the engines that config names. Adding an engine: one module, one entry in a table here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from avatarchat import metrics
+from avatarchat.config import Settings
+from avatarchat.engines.avatar.library import AvatarLibrary
+from avatarchat.engines.llm.base import LLMEngine
+from avatarchat.engines.tts.base import TTSEngine
+from avatarchat.pipeline.history import approx_tokens
+
+log = logging.getLogger(__name__)
+
+
+def _llama_cpp(s: Settings) -> LLMEngine:
+    from avatarchat.engines.llm.llama_cpp import LlamaCppEngine
+
+    return LlamaCppEngine(s.llm.llama_cpp, s.llm.system_prompt)
+
+
+def _openai(s: Settings) -> LLMEngine:
+    from avatarchat.engines.llm.openai_compat import OpenAIEngine
+
+    return OpenAIEngine(s.llm.openai)
+
+
+def _piper(s: Settings) -> TTSEngine:
+    from avatarchat.engines.tts.piper import PiperEngine
+
+    return PiperEngine(s.tts.piper)
+
+
+def _espeak(s: Settings) -> TTSEngine:
+    from avatarchat.engines.tts.espeak import EspeakEngine
+
+    return EspeakEngine(s.tts.espeak)
+
+
+LLM_ENGINES: dict[str, Callable[[Settings], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai}
+TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak}
+
+
+class Engines:
+    """Everything shared by all sessions: the models, the avatars and the worker threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.llm = LLM_ENGINES[settings.llm.engine](settings)
+        self.tts = TTS_ENGINES[settings.tts.engine](settings)
+        self.avatars = AvatarLibrary(settings.avatar.dir, settings.avatar.fps)
+        self.workers = ThreadPoolExecutor(settings.pipeline.workers, thread_name_prefix="media")
+        self.ready = asyncio.Event()
+        self.load_error: str | None = None
+        self.load_seconds: dict[str, float] = {}
+
+    def count_tokens(self, text: str) -> int:
+        try:
+            return self.llm.count_tokens(text)
+        except Exception:
+            return approx_tokens(text)
+
+    async def start(self) -> None:
+        """Load every model, in parallel where they are independent. Sets ``ready`` when done."""
+        loop = asyncio.get_running_loop()
+
+        async def timed(name: str, coro: object) -> None:
+            start = time.perf_counter()
+            await coro  # type: ignore[misc]
+            self.load_seconds[name] = round(time.perf_counter() - start, 3)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(timed("llm", self.llm.start()))
+                tg.create_task(timed("tts", loop.run_in_executor(self.workers, self.tts.load)))
+                tg.create_task(
+                    timed("avatar", loop.run_in_executor(self.workers, self.avatars.renderer, self.settings.avatar.default))
+                )
+        except* Exception as group:
+            self.load_error = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
+            log.error("engines failed to load", extra={"error": self.load_error})
+            raise
+        metrics.READY.set(1)
+        self.ready.set()
+        log.info("engines ready", extra={"load_seconds": self.load_seconds})
+
+    async def close(self) -> None:
+        await self.llm.close()
+        self.workers.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,27 @@
+"""Prometheus metrics. One registry per process; /metrics exposes it."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+
+_LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+STAGE_SECONDS = Histogram(
+    "avatarchat_stage_seconds",
+    "Per-turn latency of each stage. first_* are measured from the user's message; tts and render per piece.",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+RENDER_FPS = Gauge("avatarchat_render_fps", "Frames rendered and encoded per second, last batch.", registry=REGISTRY)
+FRAMES = Counter("avatarchat_frames_total", "Video frames rendered and encoded.", registry=REGISTRY)
+MEDIA_BYTES = Counter("avatarchat_media_bytes_total", "fMP4 bytes sent to clients.", registry=REGISTRY)
+ACTIVE_SESSIONS = Gauge("avatarchat_active_sessions", "Open WebSocket sessions.", registry=REGISTRY)
+SESSIONS_REFUSED = Counter(
+    "avatarchat_sessions_refused_total", "Sessions refused by a limit.", ["reason"], registry=REGISTRY
+)
+TURNS = Counter("avatarchat_turns_total", "Finished turns by how they ended.", ["reason"], registry=REGISTRY)
+ERRORS = Counter("avatarchat_errors_total", "Error events sent to clients, by code.", ["code"], registry=REGISTRY)
+READY = Gauge("avatarchat_ready", "1 once the models are loaded.", registry=REGISTRY)

@@ -1,0 +1,53 @@
+"""Per-session conversation history, trimmed to a token budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from avatarchat.engines.types import ChatMessage
+
+
+def approx_tokens(text: str) -> int:
+    """A tokenizer-free estimate: ~4 chars per token for Latin text, one per CJK character."""
+    cjk = sum(1 for ch in text if "\u3400" <= ch <= "\u9fff")
+    return cjk + (len(text) - cjk + 3) // 4 + 1
+
+
+@dataclass
+class History:
+    system_prompt: str
+    budget: int
+    count_tokens: Callable[[str], int] = approx_tokens
+    _messages: list[ChatMessage] = field(default_factory=list)
+
+    def add(self, role: str, content: str) -> None:
+        if content:
+            self._messages.append(ChatMessage(role, content, self.count_tokens(content) + 4))
+        self._trim()
+
+    def messages(self, user_text: str | None = None) -> list[dict[str, str]]:
+        """The prompt: system prompt, the history that fits the budget, then ``user_text``."""
+        out = [{"role": "system", "content": self.system_prompt}]
+        out += [m.as_dict() for m in self._messages]
+        if user_text is not None:
+            out.append({"role": "user", "content": user_text})
+        return out
+
+    @property
+    def turns(self) -> list[ChatMessage]:
+        return list(self._messages)
+
+    @property
+    def tokens(self) -> int:
+        return sum(m.tokens for m in self._messages)
+
+    def clear(self) -> None:
+        self._messages.clear()
+
+    def _trim(self) -> None:
+        # Drop the oldest messages first, in user/assistant pairs, so the model never sees an orphaned answer.
+        while self._messages and self.tokens > self.budget:
+            self._messages.pop(0)
+            while self._messages and self._messages[0].role != "user":
+                self._messages.pop(0)

@@ -1,0 +1,78 @@
+"""Speech → lip-synced frames → fMP4 bytes. Shared by the live pipeline and the ``say`` command.
+
+All functions here are blocking CPU work, meant for worker threads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from avatarchat.engines.avatar.renderer import AvatarRenderer
+from avatarchat.engines.avatar.visemes import mouth_track
+from avatarchat.engines.types import Speech
+from avatarchat.engines.video.fmp4 import Fmp4Stream
+
+_MARKUP = re.compile(r"[*_#`~>|]+|\[(.*?)\]\((?:.*?)\)")
+_EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf\ufe0f]")
+
+
+def speakable(text: str) -> str:
+    """What the TTS should read: the text without markdown and emoji."""
+    text = _MARKUP.sub(lambda m: m.group(1) or " ", text)
+    return " ".join(_EMOJI.sub("", text).split())
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One spoken piece, ready to render: audio at the stream's rate, and one mouth row per frame."""
+
+    text: str
+    audio: np.ndarray
+    mouth: np.ndarray
+
+    @property
+    def frames(self) -> int:
+        return len(self.mouth)
+
+
+class Timeline:
+    """Keeps audio and video of one stream the same length, piece after piece."""
+
+    def __init__(self, fps: int, audio_rate: int) -> None:
+        self.fps = fps
+        self.audio_rate = audio_rate
+        self.frames = 0
+        self.samples = 0
+
+    @property
+    def ms(self) -> int:
+        return round(self.frames * 1000 / self.fps)
+
+    def prepare(self, speech: Speech) -> Piece:
+        audio = speech.audio.astype(np.float32, copy=False)
+        if speech.sample_rate != self.audio_rate:
+            g = math.gcd(speech.sample_rate, self.audio_rate)
+            audio = resample_poly(audio, self.audio_rate // g, speech.sample_rate // g).astype(np.float32)
+        n_frames = max(1, math.ceil(len(audio) * self.fps / self.audio_rate))
+        # Pad the audio so that this piece ends exactly where its last frame ends: no drift over a long turn.
+        target = round((self.frames + n_frames) * self.audio_rate / self.fps) - self.samples
+        audio = np.pad(audio, (0, max(0, target - len(audio))))[:target]
+        self.frames += n_frames
+        self.samples += target
+        return Piece(speech.text, audio, mouth_track(speech, self.fps, n_frames))
+
+
+def render_batch(
+    stream: Fmp4Stream, renderer: AvatarRenderer, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None
+) -> bytes:
+    """Encode ``audio`` (if given) then one frame per mouth row; return the bytes produced."""
+    if audio is not None:
+        stream.add_audio(audio)
+    for k, row in enumerate(mouth):
+        stream.add_frame(renderer.render(first_frame + k, row))
+    return stream.take()

@@ -1,0 +1,257 @@
+"""One turn: user text → streamed LLM text → spoken pieces → TTS → avatar frames → fMP4 → client.
+
+Three asyncio stages joined by bounded queues run concurrently, so piece 2 is synthesized while
+piece 1 renders. CPU work (TTS, rendering, encoding) runs in the worker pool, never on the loop.
+Cancelling the task that runs ``Turn.run`` stops every stage at its next await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from avatarchat import metrics
+from avatarchat.config import Settings
+from avatarchat.engines.avatar.renderer import AvatarRenderer
+from avatarchat.engines.llm.base import LLMEngine, LLMError
+from avatarchat.engines.tts.base import TTSEngine, TTSError
+from avatarchat.engines.video.fmp4 import Fmp4Stream
+from avatarchat.pipeline.history import History
+from avatarchat.pipeline.media import Piece, Timeline, render_batch, speakable
+from avatarchat.pipeline.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+_FIRST_BATCH = 2  # frames: the first fragment leaves as soon as possible
+
+
+class Sender(Protocol):
+    async def event(self, type: str, **fields: object) -> None: ...
+
+    async def media(self, turn_id: int, payload: bytes) -> None: ...
+
+
+class TurnError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class TurnResult:
+    reason: str
+    text: str
+    spoken: str
+    media_ms: int
+    timings: dict[str, int] = field(default_factory=dict)
+
+
+class Turn:
+    def __init__(
+        self,
+        *,
+        turn_id: int,
+        user_text: str,
+        settings: Settings,
+        llm: LLMEngine,
+        tts: TTSEngine,
+        renderer: AvatarRenderer,
+        history: History,
+        workers: Executor,
+        send: Sender,
+        first_frame: int = 0,
+        t0: float | None = None,
+    ) -> None:
+        self.turn_id = turn_id
+        self.user_text = user_text
+        self._s = settings
+        self._llm = llm
+        self._tts = tts
+        self._renderer = renderer
+        self._history = history
+        self._workers = workers
+        self._send = send
+        self._t0 = t0 if t0 is not None else time.perf_counter()
+        self._frame = first_frame
+        self.reply = ""
+        self._spoken: list[str] = []
+        self.timings: dict[str, int] = {}
+        self._stream: Fmp4Stream | None = None
+        self._inflight: Future[bytes] | None = None
+        self._timeline: Timeline | None = None
+
+    @property
+    def next_frame(self) -> int:
+        return self._frame
+
+    @property
+    def media_ms(self) -> int:
+        return self._timeline.ms if self._timeline else 0
+
+    def result(self, reason: str) -> TurnResult:
+        spoken = self.reply if reason == "complete" else " ".join(self._spoken)
+        return TurnResult(reason, self.reply, spoken, self.media_ms, dict(self.timings))
+
+    async def run(self) -> TurnResult:
+        """Run to the end. Raises TurnError on an engine failure, CancelledError when stopped."""
+        messages = self._history.messages(self.user_text)
+        await self._send.event("turn_start", turn_id=self.turn_id, user_text=self.user_text)
+        texts: asyncio.Queue[str | None] = asyncio.Queue(self._s.pipeline.queue_size)
+        pieces: asyncio.Queue[Piece | None] = asyncio.Queue(self._s.pipeline.queue_size)
+        completed = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._llm_stage(messages, texts))
+                tg.create_task(self._tts_stage(texts, pieces))
+                tg.create_task(self._media_stage(pieces))
+            completed = True
+        except* TurnError as group:
+            raise group.exceptions[0] from None
+        finally:
+            self._release_stream()
+            self._history.add("user", self.user_text)
+            self._history.add("assistant", self.reply if completed else " ".join(self._spoken))
+        self._mark("turn")
+        return self.result("complete")
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    async def _llm_stage(self, messages: list[dict[str, str]], out: asyncio.Queue[str | None]) -> None:
+        seg = Segmenter(self._s.pipeline.first_piece_max_words, self._s.pipeline.piece_max_chars)
+        try:
+            async for delta in self._llm.stream(
+                messages, max_tokens=self._s.llm.max_tokens, temperature=self._s.llm.temperature
+            ):
+                if not self.reply:
+                    self._mark("first_text")
+                self.reply += delta
+                await self._send.event("text_delta", turn_id=self.turn_id, delta=delta)
+                for piece in seg.push(delta):
+                    await out.put(piece)
+        except LLMError as e:
+            raise TurnError("llm_failed", str(e)) from e
+        for piece in seg.flush():
+            await out.put(piece)
+        await out.put(None)
+
+    async def _tts_stage(self, inp: asyncio.Queue[str | None], out: asyncio.Queue[Piece | None]) -> None:
+        loop = asyncio.get_running_loop()
+        timeline = self._timeline = Timeline(self._s.avatar.fps, self._audio_rate())
+        rate = self._s.tts.rate
+
+        def synth(text: str) -> Piece:
+            start = time.perf_counter()
+            speech = self._tts.synthesize(text, rate=rate)
+            metrics.STAGE_SECONDS.labels("tts").observe(time.perf_counter() - start)
+            return timeline.prepare(speech)
+
+        while (text := await inp.get()) is not None:
+            spoken = speakable(text)
+            if not spoken:
+                continue
+            try:
+                piece = await loop.run_in_executor(self._workers, synth, spoken)
+            except TTSError as e:
+                raise TurnError("tts_failed", str(e)) from e
+            self._mark("first_audio")
+            await out.put(piece)
+        await out.put(None)
+
+    async def _media_stage(self, inp: asyncio.Queue[Piece | None]) -> None:
+        batch = self._s.pipeline.render_batch_frames
+        index = 0
+        start_ms = 0
+        while (piece := await inp.get()) is not None:
+            stream = self._stream or self._open_stream()
+            await self._send.event(
+                "sentence",
+                turn_id=self.turn_id,
+                index=index,
+                text=piece.text,
+                start_ms=start_ms,
+                duration_ms=round(piece.frames * 1000 / self._s.avatar.fps),
+            )
+            pos = 0
+            while pos < piece.frames:
+                n = _FIRST_BATCH if "first_video" not in self.timings else batch
+                rows = piece.mouth[pos : pos + n]
+                started = time.perf_counter()
+                data = await self._work(
+                    render_batch, stream, self._renderer, rows, self._frame, piece.audio if pos == 0 else None
+                )
+                elapsed = time.perf_counter() - started
+                metrics.FRAMES.inc(len(rows))
+                metrics.RENDER_FPS.set(len(rows) / elapsed if elapsed > 0 else 0.0)
+                pos += len(rows)
+                self._frame += len(rows)
+                await self._emit(data)
+            self._spoken.append(piece.text)
+            start_ms += round(piece.frames * 1000 / self._s.avatar.fps)
+            index += 1
+        if self._stream is not None:
+            tail = await self._work(self._stream.close)
+            await self._emit(tail)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _audio_rate(self) -> int:
+        configured = self._s.video.audio_sample_rate
+        if configured:
+            return configured
+        rate = getattr(self._tts, "sample_rate", 22050)
+        return rate if rate in (16000, 22050, 24000, 32000, 44100, 48000) else 48000
+
+    def _open_stream(self) -> Fmp4Stream:
+        width, height = self._renderer.size
+        assert self._timeline is not None
+        self._stream = Fmp4Stream(
+            width,
+            height,
+            self._s.avatar.fps,
+            self._timeline.audio_rate,
+            crf=self._s.video.crf,
+            preset=self._s.video.preset,
+            threads=self._s.video.threads,
+            audio_bitrate=self._s.video.audio_bitrate,
+        )
+        return self._stream
+
+    async def _work(self, fn: object, *args: object) -> bytes:
+        future: Future[bytes] = self._workers.submit(fn, *args)  # type: ignore[arg-type]
+        self._inflight = future
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            if future.done():
+                self._inflight = None
+
+    async def _emit(self, data: bytes) -> None:
+        if not data:
+            return
+        if "first_video" not in self.timings:
+            assert self._stream is not None
+            await self._send.event("media_start", turn_id=self.turn_id, mime=self._stream.mime)
+            self._mark("first_video")
+        metrics.MEDIA_BYTES.inc(len(data))
+        await self._send.media(self.turn_id, data)
+
+    def _release_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            # A worker is still encoding into the stream; close it once that batch returns.
+            inflight.add_done_callback(lambda _f: stream.abort())
+        else:
+            stream.abort()
+
+    def _mark(self, name: str) -> None:
+        if name not in self.timings:
+            elapsed = time.perf_counter() - self._t0
+            self.timings[name] = round(elapsed * 1000)
+            metrics.STAGE_SECONDS.labels(name).observe(elapsed)

@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+
+from avatarchat.config import ConfigError, load_settings
+
+
+def test_defaults_are_the_embedded_engines() -> None:
+    s = load_settings()
+    assert (s.llm.engine, s.tts.engine) == ("llama_cpp", "piper")
+
+
+def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("server:\n  port: 9001\nllm:\n  engine: openai\n  openai:\n    model: m1\n")
+    s = load_settings(cfg)
+    assert (s.server.port, s.llm.engine, s.llm.openai.model) == (9001, "openai", "m1")
+    monkeypatch.setenv("AVATARCHAT_SERVER__PORT", "9002")
+    assert load_settings(cfg).server.port == 9002
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("server: [1, 2", "not valid YAML"),
+        ("- a\n- b\n", "mapping"),
+        ("server:\n  port: -5\n", "port"),
+        ("bogus_section: 1\n", "bogus_section"),
+        ("video:\n  audio_sample_rate: 12345\n", "AAC"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_precise_message(tmp_path: Path, text: str, needle: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(cfg)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_api_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_KEY", "sekrit")
+    s = load_settings(llm={"openai": {"api_key_env": "MY_KEY"}})
+    assert s.llm.openai.resolved_key() == "sekrit"

@@ -1,0 +1,35 @@
+from avatarchat.pipeline.history import History, approx_tokens
+
+
+def test_messages_start_with_system_prompt_and_end_with_user() -> None:
+    h = History("sys", budget=1000)
+    h.add("user", "hi")
+    h.add("assistant", "hello")
+    assert h.messages("how are you") == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "how are you"},
+    ]
+
+
+def test_budget_drops_oldest_pairs() -> None:
+    h = History("sys", budget=60)
+    for i in range(20):
+        h.add("user", f"question number {i} " * 3)
+        h.add("assistant", f"answer number {i} " * 3)
+    assert h.tokens <= 60
+    roles = [m.role for m in h.turns]
+    assert roles[0] == "user"
+    assert "answer number 19" in h.turns[-1].content
+
+
+def test_empty_assistant_text_is_not_stored() -> None:
+    h = History("sys", budget=100)
+    h.add("assistant", "")
+    assert h.turns == []
+
+
+def test_approx_tokens_counts_cjk_per_character() -> None:
+    assert approx_tokens("你好世界") >= 4
+    assert approx_tokens("hello world, this is text") < 10

@@ -1,0 +1,71 @@
+from avatarchat.pipeline.segmenter import Segmenter, count_words, split_text
+
+
+def stream(tokens: list[str], **kw: int) -> list[str]:
+    seg = Segmenter(**kw)
+    out: list[str] = []
+    for t in tokens:
+        out += seg.push(t)
+    return out + list(seg.flush())
+
+
+def test_english_sentences_and_first_clause() -> None:
+    assert split_text("Hello there, how are you? I am fine. Thanks!") == [
+        "Hello there,",
+        "how are you?",
+        "I am fine.",
+        "Thanks!",
+    ]
+
+
+def test_only_the_first_piece_is_cut_at_a_clause() -> None:
+    pieces = split_text("Sure thing, here we go. Later, we can talk, if you like.")
+    assert pieces == ["Sure thing,", "here we go.", "Later, we can talk, if you like."]
+
+
+def test_chinese_sentence_ends() -> None:
+    text = "你好，我是你的数字人助手。今天天气很好！你想聊什么？我们可以聊天；也可以唱歌"
+    assert split_text(text) == ["你好，", "我是你的数字人助手。", "今天天气很好！", "你想聊什么？", "我们可以聊天；", "也可以唱歌"]
+
+
+def test_chinese_first_clause_cut() -> None:
+    assert split_text("好的，我们现在开始吧。然后继续。")[0] == "好的，"
+
+
+def test_newline_ends_a_piece() -> None:
+    assert split_text("First line\nSecond line") == ["First line", "Second line"]
+
+
+def test_numbers_and_abbreviations_are_not_ends() -> None:
+    assert split_text("Pi is 3.14 today. See e.g. this file.txt now. Dr. Who waves.") == [
+        "Pi is 3.14 today.",
+        "See e.g. this file.txt now.",
+        "Dr. Who waves.",
+    ]
+
+
+def test_streaming_cuts_first_piece_after_about_eight_words() -> None:
+    tokens = "This is a long first sentence without any commas that goes on. Ok!".split(" ")
+    pieces = stream([t if i == 0 else " " + t for i, t in enumerate(tokens)], first_max_words=8)
+    assert count_words(pieces[0]) == 8
+    assert pieces[1:] == ["commas that goes on.", "Ok!"]
+
+
+def test_streaming_waits_for_the_character_after_a_dot() -> None:
+    seg = Segmenter()
+    assert list(seg.push("It costs 3.")) == []
+    assert list(seg.push("5 euros. And")) == ["It costs 3.5 euros."]
+    assert list(seg.flush()) == ["And"]
+
+
+def test_closing_quotes_stay_with_their_sentence() -> None:
+    assert split_text('He said "stop." Then left.') == ['He said "stop."', "Then left."]
+
+
+def test_punctuation_only_pieces_are_dropped() -> None:
+    assert split_text("... !!! Hello.") == ["Hello."]
+
+
+def test_run_on_text_is_cut_at_a_space() -> None:
+    pieces = split_text("word " * 100, first_max_words=1000)
+    assert all(len(p) <= 300 for p in pieces) and len(pieces) >= 2
