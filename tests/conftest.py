@@ -4,6 +4,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from avatarchat.config import load_settings
+from tests.support.live_app import LiveApp
 from tests.support.openai_server import Behaviour, OpenAITestServer
 
 
@@ -21,3 +23,12 @@ def upstream(openai_server: OpenAITestServer) -> Iterator[OpenAITestServer]:
     openai_server.requests.clear()
     yield openai_server
     openai_server.behaviour = Behaviour()
+
+
+@pytest.fixture(scope="session")
+def live_app() -> Iterator[LiveApp]:
+    """The real app with the embedded models, shared by the end-to-end tests."""
+    settings = load_settings(session={"max_sessions": 4}, llm={"max_tokens": 60})
+    app = LiveApp(settings).start()
+    yield app
+    app.stop()

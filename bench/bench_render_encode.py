@@ -1,0 +1,79 @@
+"""Render + H.264/fMP4 encode throughput at 512×512 on ONE core (the pipeline's per-frame CPU cost).
+
+    .venv/bin/python bench/bench_render_encode.py [--frames 1000] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import time  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from _common import dump, machine  # noqa: E402
+from avatarchat.config import PiperConfig  # noqa: E402
+from avatarchat.engines.avatar.face import AvatarModel, default_avatar_dir  # noqa: E402
+from avatarchat.engines.avatar.renderer import AvatarRenderer  # noqa: E402
+from avatarchat.engines.avatar.visemes import mouth_track  # noqa: E402
+from avatarchat.engines.tts.piper import PiperEngine  # noqa: E402
+from avatarchat.engines.video.fmp4 import Fmp4Stream  # noqa: E402
+
+TEXT = ("Hello there! I am your avatar, and I am happy to talk with you about anything you like. "
+        "Ask me a question, and I will answer as well as I can.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    tts = PiperEngine(PiperConfig())
+    tts.load()
+    speech = tts.synthesize(TEXT)
+    os.sched_setaffinity(0, {0})
+    cv2.setNumThreads(1)
+    renderer = AvatarRenderer(AvatarModel.load(default_avatar_dir()))
+    n_speech = int(speech.duration * 25)
+    mouth = mouth_track(speech, 25, n_speech)
+    mouth = np.concatenate([mouth] * (args.frames // n_speech + 1))[: args.frames]
+    render_ms: list[float] = []
+    encode_ms: list[float] = []
+    fps_runs: list[float] = []
+    for _ in range(args.runs):
+        stream = Fmp4Stream(512, 512, 25, 22050, threads=1)
+        stream.add_audio(np.zeros(args.frames * 882, np.float32))
+        start = time.perf_counter()
+        for i, row in enumerate(mouth):
+            t0 = time.perf_counter()
+            frame = renderer.render(i, row)
+            t1 = time.perf_counter()
+            stream.add_frame(frame)
+            stream.take()
+            t2 = time.perf_counter()
+            render_ms.append((t1 - t0) * 1000)
+            encode_ms.append((t2 - t1) * 1000)
+        stream.close()
+        fps_runs.append(args.frames / (time.perf_counter() - start))
+    r, e = np.array(render_ms), np.array(encode_ms)
+    both = r + e
+    print(f"machine: {machine()}; pinned to 1 core; {args.runs} runs × {args.frames} frames at 512×512")
+    print(f"render        median {np.median(r):.2f} ms  p95 {np.percentile(r, 95):.2f} ms")
+    print(f"encode        median {np.median(e):.2f} ms  p95 {np.percentile(e, 95):.2f} ms")
+    print(f"render+encode median {np.median(both):.2f} ms  p95 {np.percentile(both, 95):.2f} ms"
+          f"  → {1000 / np.median(both):.0f} fps (median per frame)")
+    print(f"throughput per run: median {np.median(fps_runs):.0f} fps, worst {min(fps_runs):.0f} fps  (target ≥ 200)")
+    dump("render_encode", {
+        "render_ms": {"p50": float(np.median(r)), "p95": float(np.percentile(r, 95))},
+        "encode_ms": {"p50": float(np.median(e)), "p95": float(np.percentile(e, 95))},
+        "fps_runs": fps_runs,
+    })
+
+
+if __name__ == "__main__":
+    main()
