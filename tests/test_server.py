@@ -137,7 +137,7 @@ async def test_protocol_errors_keep_the_session_up(live_app: LiveApp) -> None:
         assert e["type"] == "error" and e["code"] == code and e["fatal"] is False, (raw[:40], e)
     await c.ws.send(b"\x00\x01\x02")
     e = await c.event()
-    assert e["code"] == "unsupported_binary"
+    assert e["code"] == "bad_binary"
     await c.send(type="ping", id=7)
     assert await c.event() == {"type": "pong", "id": 7}
     await c.send(type="stop")  # nothing running: harmless

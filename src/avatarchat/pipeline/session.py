@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import psutil
@@ -18,6 +20,7 @@ from avatarchat import metrics
 from avatarchat.config import SessionConfig
 from avatarchat.pipeline.history import History
 from avatarchat.pipeline.turn import Sender, Turn, TurnError, TurnResult
+from avatarchat.pipeline.voice import VoiceInput
 
 if TYPE_CHECKING:
     from avatarchat.engines.registry import Engines
@@ -29,6 +32,50 @@ class SessionLimitError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class GatedSender:
+    """Holds a speculative turn's output until the person has really finished speaking."""
+
+    def __init__(self, inner: Sender) -> None:
+        self._inner = inner
+        self._held: list[tuple[str, object, dict[str, object]]] = []
+        self._open = False
+        self._lock = asyncio.Lock()
+
+    async def event(self, type: str, **fields: object) -> None:
+        async with self._lock:
+            if self._open:
+                await self._inner.event(type, **fields)
+            else:
+                self._held.append(("event", type, fields))
+
+    async def media(self, turn_id: int, payload: bytes) -> None:
+        async with self._lock:
+            if self._open:
+                await self._inner.media(turn_id, payload)
+            else:
+                self._held.append(("media", turn_id, {"payload": payload}))
+
+    async def release(self) -> None:
+        async with self._lock:
+            for kind, first, fields in self._held:
+                if kind == "event":
+                    await self._inner.event(str(first), **fields)
+                else:
+                    await self._inner.media(int(first), fields["payload"])  # type: ignore[arg-type]
+            self._held.clear()
+            self._open = True
+
+
+@dataclass
+class Playback:
+    """Where the client's player is in a turn's media, from its ``playback`` reports."""
+
+    turn_id: int
+    position_ms: float
+    playing: bool
+    at: float  # perf_counter() of the report
 
 
 class Session:
@@ -43,14 +90,37 @@ class Session:
         self._frame = 0
         self._turn: Turn | None = None
         self._task: asyncio.Task[None] | None = None
+        self._gate: GatedSender | None = None  # set while the running turn is speculative
+        self._playback: Playback | None = None
         self._on_idle = on_idle
         self._idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
+        self.voice: VoiceInput | None = None
         self.touch()
 
     @property
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def speaking(self) -> bool:
+        """Is the avatar talking: a turn is producing media, or the client is still playing it?"""
+        turn = self._turn
+        if turn is None or self._gate is not None:
+            return False
+        if self.busy:
+            return turn.first_media_at is not None
+        return self.played_ms(turn) < turn.media_ms
+
+    def played_ms(self, turn: Turn) -> float:
+        """How much of ``turn``'s media the person has heard: the client's report, else wall-clock time."""
+        now = time.perf_counter()
+        pb = self._playback
+        if pb is not None and pb.turn_id == turn.turn_id:
+            return pb.position_ms + ((now - pb.at) * 1000 if pb.playing else 0.0)
+        if turn.first_media_at is None:
+            return 0.0
+        return (now - turn.first_media_at) * 1000
 
     def touch(self) -> None:
         """Activity: restart the idle timer."""
@@ -62,10 +132,18 @@ class Session:
                 self.engines.settings.session.idle_timeout_s, self._on_idle, self
             )
 
-    async def user_text(self, text: str, t0: float | None = None) -> None:
-        """Start a turn; a running turn is interrupted first."""
+    def start_voice(self) -> VoiceInput:
+        if self.voice is None:
+            self.voice = VoiceInput(self)
+        return self.voice
+
+    async def user_text(self, text: str, t0: float | None = None, *, held: bool = False) -> Turn:
+        """Start a turn; a running turn is interrupted first. A ``held`` turn runs but sends nothing until
+        ``release_held``, and ``discard_held`` drops it without a trace."""
+        await self.discard_held()
         await self.cancel_turn("interrupted")
         self._turn_ids += 1
+        self._gate = GatedSender(self.send) if held else None
         turn = Turn(
             turn_id=self._turn_ids,
             user_text=text,
@@ -75,12 +153,46 @@ class Session:
             renderer=self.engines.avatars.renderer(self.avatar),
             history=self.history,
             workers=self.engines.workers,
-            send=self.send,
+            send=self._gate or self.send,
             first_frame=self._frame,
             t0=t0,
         )
         self._turn = turn
+        self._playback = None
         self._task = asyncio.create_task(self._run(turn), name=f"turn-{self.id[:8]}-{turn.turn_id}")
+        return turn
+
+    async def release_held(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            await gate.release()
+
+    async def discard_held(self) -> None:
+        """Drop a speculative turn: cancel it silently; it never reached the client or the history."""
+        gate, turn, task = self._gate, self._turn, self._task
+        if gate is None or turn is None or task is None:
+            return
+        self._gate = None
+        turn.discarded = True
+        self._turn_ids -= 1  # its id was never seen by the client
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._turn = None
+
+    async def interrupt(self) -> None:
+        """Barge-in: stop the avatar now, and keep in the history only what the person heard."""
+        turn = self._turn
+        if turn is None or self._gate is not None:
+            return
+        heard = turn.played_text(self.played_ms(turn))
+        await self.send.event("interrupt", turn_id=turn.turn_id, heard=heard)
+        await self.cancel_turn("interrupted")
+        self.history.replace_last_reply(heard)
+        self._turn = None
+
+    def playback(self, turn_id: int, position_ms: float, playing: bool) -> None:
+        self._playback = Playback(turn_id, position_ms, playing, time.perf_counter())
 
     async def _run(self, turn: Turn) -> None:
         try:
@@ -88,7 +200,9 @@ class Session:
         except TurnError as e:
             metrics.ERRORS.labels(e.code).inc()
             log.warning("turn failed", extra={"session": self.id, "turn": turn.turn_id, "code": e.code, "error": str(e)})
-            await self.send.event("error", code=e.code, message=str(e), fatal=False, turn_id=turn.turn_id)
+            await (self._gate or self.send).event(
+                "error", code=e.code, message=str(e), fatal=False, turn_id=turn.turn_id
+            )
             result = turn.result("error")
         self._frame = turn.next_frame
         await self._done(turn, result)
@@ -116,8 +230,8 @@ class Session:
             extra={"session": self.id, "turn": turn.turn_id, "reason": result.reason, "timings_ms": result.timings,
                    "media_ms": result.media_ms, "chars": len(result.text)},
         )
-        if not self.closed:
-            await self.send.event(
+        if not self.closed and not turn.discarded:
+            await (self._gate or self.send).event(
                 "turn_done",
                 turn_id=turn.turn_id,
                 reason=result.reason,
@@ -127,15 +241,18 @@ class Session:
             )
 
     async def close(self) -> None:
-        """Free everything: the running turn, the timer, the history."""
+        """Free everything: the running turn, the voice input, the timer, the history."""
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         task = self._task
         self.closed = True
+        if self.voice is not None:
+            await self.voice.close()
+            self.voice = None
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self._task = self._turn = None
+        self._task = self._turn = self._gate = None
         self.history.clear()
 
 

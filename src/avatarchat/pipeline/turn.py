@@ -17,7 +17,7 @@ from typing import Protocol
 from avatarchat import metrics
 from avatarchat.config import Settings
 from avatarchat.engines.avatar.renderer import AvatarRenderer
-from avatarchat.engines.llm.base import LLMEngine, LLMError
+from avatarchat.engines.llm.base import LLMEngine, LLMError, SharesCPU
 from avatarchat.engines.tts.base import TTSEngine, TTSError
 from avatarchat.engines.video.fmp4 import Fmp4Stream
 from avatarchat.pipeline.history import History
@@ -83,6 +83,10 @@ class Turn:
         self._stream: Fmp4Stream | None = None
         self._inflight: Future[bytes] | None = None
         self._timeline: Timeline | None = None
+        self.sentences: list[tuple[int, int, str]] = []  # (start ms, duration ms, text) of each spoken piece
+        self.first_media_at: float | None = None  # perf_counter() when the first fragment went out
+        self.discarded = False  # a speculative turn that was dropped: it leaves no trace in the history
+        self._llm_held = False
 
     @property
     def next_frame(self) -> int:
@@ -91,6 +95,22 @@ class Turn:
     @property
     def media_ms(self) -> int:
         return self._timeline.ms if self._timeline else 0
+
+    def played_text(self, position_ms: float) -> str:
+        """The part of the reply heard by ``position_ms`` of playback: whole pieces, then a share of words."""
+        out: list[str] = []
+        for start, duration, text in self.sentences:
+            if position_ms >= start + duration:
+                out.append(text)
+            elif position_ms > start:
+                words = text.split()
+                n = int(len(words) * (position_ms - start) / max(duration, 1))
+                if n:
+                    out.append(" ".join(words[:n]))
+                break
+            else:
+                break
+        return " ".join(out)
 
     def result(self, reason: str) -> TurnResult:
         spoken = self.reply if reason == "complete" else " ".join(self._spoken)
@@ -112,16 +132,19 @@ class Turn:
         except* TurnError as group:
             raise group.exceptions[0] from None
         finally:
+            self._release_llm()
             self._release_stream()
-            self._history.add("user", self.user_text)
-            self._history.add("assistant", self.reply if completed else " ".join(self._spoken))
+            if not self.discarded:
+                self._history.add("user", self.user_text)
+                self._history.add("assistant", self.reply if completed else " ".join(self._spoken))
         self._mark("turn")
         return self.result("complete")
 
     # -- stages ---------------------------------------------------------------------------------
 
     async def _llm_stage(self, messages: list[dict[str, str]], out: asyncio.Queue[str | None]) -> None:
-        seg = Segmenter(self._s.pipeline.first_piece_max_words, self._s.pipeline.piece_max_chars)
+        p = self._s.pipeline
+        seg = Segmenter(p.first_piece_max_words, p.piece_max_chars, p.first_piece_min_words)
         try:
             async for delta in self._llm.stream(
                 messages, max_tokens=self._s.llm.max_tokens, temperature=self._s.llm.temperature
@@ -131,10 +154,12 @@ class Turn:
                 self.reply += delta
                 await self._send.event("text_delta", turn_id=self.turn_id, delta=delta)
                 for piece in seg.push(delta):
+                    self._mark("first_piece")
                     await out.put(piece)
         except LLMError as e:
             raise TurnError("llm_failed", str(e)) from e
         for piece in seg.flush():
+            self._mark("first_piece")
             await out.put(piece)
         await out.put(None)
 
@@ -153,6 +178,9 @@ class Turn:
             spoken = speakable(text)
             if not spoken:
                 continue
+            if "first_audio" not in self.timings and isinstance(self._llm, SharesCPU) and not self._llm_held:
+                self._llm.hold()  # the cores go to the first piece's speech and frames
+                self._llm_held = True
             try:
                 piece = await loop.run_in_executor(self._workers, synth, spoken)
             except TTSError as e:
@@ -175,6 +203,7 @@ class Turn:
                 start_ms=start_ms,
                 duration_ms=round(piece.frames * 1000 / self._s.avatar.fps),
             )
+            self.sentences.append((start_ms, round(piece.frames * 1000 / self._s.avatar.fps), piece.text))
             pos = 0
             while pos < piece.frames:
                 n = _FIRST_BATCH if "first_video" not in self.timings else batch
@@ -236,8 +265,15 @@ class Turn:
             assert self._stream is not None
             await self._send.event("media_start", turn_id=self.turn_id, mime=self._stream.mime)
             self._mark("first_video")
+            self.first_media_at = time.perf_counter()
+            self._release_llm()
         metrics.MEDIA_BYTES.inc(len(data))
         await self._send.media(self.turn_id, data)
+
+    def _release_llm(self) -> None:
+        if self._llm_held:
+            self._llm_held = False
+            self._llm.release()  # type: ignore[attr-defined]
 
     def _release_stream(self) -> None:
         stream, self._stream = self._stream, None

@@ -95,7 +95,6 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
 
 async def _load(engines: Engines, idle: IdleClips) -> None:
     try:
-        await engines.start()
-        await idle.get(engines.settings.avatar.default)
+        await engines.start(then=lambda: idle.get(engines.settings.avatar.default))
     except Exception:
         log.exception("start-up failed; /ready stays 503")

@@ -19,7 +19,8 @@ from avatarchat.engines.video.fmp4 import mime_for
 from avatarchat.pipeline.session import Session, SessionLimitError, SessionManager
 
 PROTOCOL = 1
-MEDIA_FMP4 = 1
+MEDIA_FMP4 = 1  # server → client: a piece of a turn's fMP4 stream
+MIC_PCM16 = 2  # client → server: 16 kHz mono signed 16-bit little-endian PCM
 _HEADER = struct.Struct(">2sBBI")
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class WebSocketSender:
     async def media(self, turn_id: int, payload: bytes) -> None:
         async with self._lock:
             if self._ws.application_state == WebSocketState.CONNECTED:
-                await self._ws.send_bytes(_HEADER.pack(b"AC", MEDIA_FMP4, 0, turn_id) + payload)
+                await self._ws.send_bytes(_HEADER.pack(b"AC", PROTOCOL, MEDIA_FMP4, turn_id) + payload)
 
     async def _send(self, event: dict[str, Any]) -> None:
         text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
@@ -71,12 +72,39 @@ def parse_event(text: str, max_chars: int) -> dict[str, Any]:
             raise ProtocolError("invalid_field", "user_text needs a non-empty string field 'text'")
         if len(value) > max_chars:
             raise ProtocolError("invalid_field", f"text is {len(value)} characters; the limit is {max_chars}")
+    elif kind == "mic_start":
+        if event.get("sample_rate", 16000) != 16000 or event.get("format", "pcm_s16le") != "pcm_s16le":
+            raise ProtocolError("invalid_field", "mic audio must be 16000 Hz mono pcm_s16le")
+    elif kind == "playback":
+        if not isinstance(event.get("turn_id"), int) or not isinstance(event.get("position_ms"), int | float):
+            raise ProtocolError("invalid_field", "playback needs an integer 'turn_id' and a number 'position_ms'")
+        if not isinstance(event.get("playing", True), bool):
+            raise ProtocolError("invalid_field", "playback 'playing' must be a boolean")
     elif kind == "hello":
         if event.get("protocol") != PROTOCOL:
             raise ProtocolError("unsupported_protocol", f"this server speaks protocol {PROTOCOL}")
-    elif kind not in ("stop", "ping"):
+    elif kind not in ("stop", "ping", "mic_stop"):
         raise ProtocolError("unknown_type", f"unknown event type {kind[:40]!r}")
     return event
+
+
+def parse_audio(data: bytes, session: Session, max_bytes: int) -> bytes:
+    """Validate a binary client frame; returns its PCM payload."""
+    if len(data) < _HEADER.size:
+        raise ProtocolError("bad_binary", f"a binary frame needs an {_HEADER.size}-byte header")
+    magic, version, kind, _seq = _HEADER.unpack_from(data)
+    if magic != b"AC" or version != PROTOCOL:
+        raise ProtocolError("bad_binary", "binary frames start with b'AC' and the protocol version")
+    if kind != MIC_PCM16:
+        raise ProtocolError("bad_binary", f"unknown binary frame kind {kind}")
+    pcm = data[_HEADER.size :]
+    if len(data) > max_bytes:
+        raise ProtocolError("audio_too_large", f"audio frame of {len(data)} bytes is over the {max_bytes}-byte limit")
+    if len(pcm) % 2:
+        raise ProtocolError("bad_audio", f"PCM16 payload has an odd byte count ({len(pcm)})")
+    if session.voice is None:
+        raise ProtocolError("audio_not_started", "send {\"type\": \"mic_start\"} before audio frames")
+    return pcm
 
 
 @router.websocket("/ws")
@@ -119,7 +147,11 @@ async def session_socket(ws: WebSocket) -> None:
                 "height": height,
                 "fps": settings.avatar.fps,
             },
-            limits={"max_message_bytes": settings.server.max_message_bytes, "max_text_chars": settings.pipeline.max_text_chars},
+            limits={
+                "max_message_bytes": settings.server.max_message_bytes,
+                "max_text_chars": settings.pipeline.max_text_chars,
+                "max_audio_frame_bytes": settings.voice.max_audio_frame_bytes,
+            },
         )
         await _receive_loop(ws, session, sender)
     except (WebSocketDisconnect, UnknownAvatarError):
@@ -137,10 +169,15 @@ async def _receive_loop(ws: WebSocket, session: Session, sender: WebSocketSender
         if message["type"] == "websocket.disconnect":
             return
         session.touch()
-        if message.get("bytes") is not None:
-            await sender.event(
-                "error", code="unsupported_binary", message="binary frames from the client are not accepted yet", fatal=False
-            )
+        data = message.get("bytes")
+        if data is not None:
+            try:
+                pcm = parse_audio(data, session, settings.voice.max_audio_frame_bytes)
+            except ProtocolError as e:
+                await sender.event("error", code=e.code, message=str(e), fatal=False)
+                continue
+            assert session.voice is not None
+            await session.voice.feed(pcm)
             continue
         text = message.get("text") or ""
         if len(text) > limit and len(text.encode("utf-8")) > limit:
@@ -160,6 +197,15 @@ async def _receive_loop(ws: WebSocket, session: Session, sender: WebSocketSender
             await session.cancel_turn("stopped")
         elif kind == "ping":
             await sender.event("pong", id=event.get("id"))
+        elif kind == "mic_start":
+            session.start_voice()
+            await sender.event("mic_ready", sample_rate=16000, format="pcm_s16le")
+        elif kind == "mic_stop":
+            if session.voice is not None:
+                await session.voice.close()
+                session.voice = None
+        elif kind == "playback":
+            session.playback(event["turn_id"], float(event["position_ms"]), bool(event.get("playing", True)))
 
 
 async def _expire(ws: WebSocket, sender: WebSocketSender) -> None:

@@ -37,8 +37,8 @@ EYES = (
 PAD = 4  # px of margin on the mouth/eye fields, so they can follow the head by up to PAD px
 JAW_DROP = 0.25  # full opening, as a fraction of the mouth width
 WIDE_GAIN = 0.16
-CAVITY = np.array([38, 13, 17], np.float32)
-TONGUE = np.array([150, 62, 70], np.float32)
+CAVITY = np.array([46, 16, 20], np.float32)
+TONGUE = np.array([158, 72, 78], np.float32)
 TEETH = np.array([226, 222, 212], np.float32)
 
 
@@ -181,22 +181,26 @@ class AvatarRenderer:
         self._open_depth = np.abs(open_v).astype(np.float32)  # how far a pixel's source crosses the split per unit
 
         # Pressing: each lip moves to the split line, covering the teeth; fades towards nose and chin.
-        lips = np.clip(1 - (u / (1.1 * mw)) ** 2, 0, 1) ** 0.5
+        lips = _smoothstep(0.0, 0.6, np.clip(1 - (u / (1.15 * mw)) ** 2, 0, 1))
         press_up = (split - upper) * lips * (1 - _smoothstep(0.0, 1.0, above_r))
         lower_r = np.clip((v - split) / span, 0, 1)
         press_lo = (lower - split) * lips * (1 - _smoothstep(0.0, 0.8, lower_r))
         press_v = np.where(below, -press_lo, press_up) * taper
         self._press_x, self._press_y = frame.to_xy(np.zeros_like(press_v), press_v)
         self._press_depth = np.abs(press_v).astype(np.float32)
+        # Where pressed lips meet: a soft dark line (it also hides the seam between the two pulls).
+        inner = _smoothstep(0.0, 0.5, np.clip(1 - (u / (0.95 * mw)) ** 2, 0, 1))
+        self._lip_line = (np.exp(-((v - split) / 2.0) ** 2) * inner * taper).astype(np.float32)
 
         # Spreading (+) or rounding (−): horizontal scaling around the mouth.
         bump = np.exp(-((u / (1.5 * mw)) ** 2 + ((v - split) / (0.75 * mw)) ** 2))
         wide_u = WIDE_GAIN * u * bump * taper
         self._wide_x, self._wide_y = frame.to_xy(wide_u, np.zeros_like(wide_u))
 
-        # Oral cavity colour: dark at the back, a tongue tone low and central in the gap.
-        low = _smoothstep(0.25, 0.9, (v - split) / (j + 1e-3)) * np.clip(1 - (u / inner_hw) ** 2, 0, 1)
-        self._cavity = (CAVITY + (TONGUE - CAVITY) * 0.55 * low[..., None]).astype(np.float32)
+        # Oral cavity: its colour depends on how far down the current gap a pixel is (see _shade_mouth).
+        self._gap_v = (v - split).astype(np.float32)
+        self._gap_centre = np.clip(1 - (u / inner_hw) ** 2, 0, 1).astype(np.float32)
+        self._jaw_px = j
         self._teeth_band = np.where(below, -1.0, split - v).astype(np.float32)  # distance above the split
         self._draw_teeth = not self._shows_teeth(lm)
         self._mouth_width = 2 * mw
@@ -314,6 +318,12 @@ class AvatarRenderer:
         roi = cv2.remap(self._image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         if opening > 0.01:
             self._shade_mouth(roi[m_sl], opening, press, f_sl)
+        if press > 0.05:
+            closed = press * max(0.0, 1.0 - 3.0 * opening)
+            if closed > 0:
+                region = roi[m_sl].astype(np.float32)
+                region *= (1 - 0.3 * closed * self._lip_line[f_sl])[..., None]
+                roi[m_sl] = region.astype(np.uint8)
         for e_sl, lash in lashes:
             region = roi[e_sl].astype(np.float32)
             region *= (1 - 0.45 * blink * blink * lash)[..., None]
@@ -336,7 +346,10 @@ class AvatarRenderer:
             return
         r0, r1 = rows[0], rows[-1] + 1
         a = alpha[r0:r1, :, None]
-        cavity = self._cavity[f_sl][r0:r1]
+        # Dark under the upper lip, shading to the tongue's tone low in the gap and towards its middle.
+        gap = max(opening * self._jaw_px, 1.0)
+        low = _smoothstep(0.15, 1.0, self._gap_v[f_sl][r0:r1] / gap) * self._gap_centre[f_sl][r0:r1]
+        cavity = CAVITY + (TONGUE - CAVITY) * (0.75 * low)[..., None]
         if self._draw_teeth:
             # Upper teeth just under the upper lip, when the mouth is open enough to show them.
             band = self._teeth_band[f_sl][r0:r1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class LLMError(RuntimeError):
@@ -25,3 +25,17 @@ class LLMEngine(Protocol):
         ...
 
     def count_tokens(self, text: str) -> int: ...
+
+
+@runtime_checkable
+class SharesCPU(Protocol):
+    """A local engine that competes with TTS and rendering for the same cores.
+
+    ``hold`` pauses its generation between tokens until the matching ``release``: the pipeline holds
+    it while the first piece of a reply is synthesized and rendered, which is the latency the person
+    notices. Generation runs far faster than speech, so the pause costs no fluency.
+    """
+
+    def hold(self) -> None: ...
+
+    def release(self) -> None: ...

@@ -5,16 +5,53 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from avatarchat.config import LlamaCppConfig
 from avatarchat.engines.llm.base import LLMError
 
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE = object()
+_MIN_REUSE = 16  # tokens: below this, shifting the KV cache is not worth it
+
+
+def chatml(messages: list[dict[str, str]]) -> str:
+    """SmolLM2's chat template (ChatML), ending with the assistant's open turn."""
+    parts = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+    return "".join(parts) + "<|im_start|>assistant\n"
+
+
+def shifted_reuse(old: Sequence[int], new: Sequence[int]) -> tuple[int, int] | None:
+    """Where ``new`` drops a block of ``old`` and goes on with what followed it: returns (a, b) with
+    new[:a] == old[:a] and old[b:] matching new[a:] for at least ``_MIN_REUSE`` tokens, or None.
+
+    That is what trimming the oldest turns of a history does to the prompt; llama.cpp can then delete
+    old[a:b] from its KV cache and shift the rest left instead of evaluating it again. Whatever no
+    longer matches after the kept run is dropped by llama-cpp-python's own prefix check.
+    """
+    n = len(old)
+    limit = min(n, len(new))
+    a = 0
+    while a < limit and old[a] == new[a]:
+        a += 1
+    if a == 0 or a >= n or a >= len(new):
+        return None
+    old_arr, new_arr = np.asarray(old), np.asarray(new)
+    best, best_len = None, _MIN_REUSE - 1
+    for b in np.flatnonzero(old_arr[a + 1 :] == new_arr[a]) + a + 1:
+        span = min(n - int(b), len(new_arr) - a)
+        if span <= best_len:
+            break  # later candidates can only keep less
+        diff = np.flatnonzero(old_arr[b : b + span] != new_arr[a : a + span])
+        run = int(diff[0]) if len(diff) else span
+        if run > best_len:
+            best, best_len = int(b), run
+    return None if best is None else (a, best)
 
 
 def default_model_path() -> Path:
@@ -36,6 +73,21 @@ class LlamaCppEngine:
         self._llm: Any = None
         # llama.cpp contexts are not thread-safe: one thread runs every generation, in order.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm")
+        self._holds = 0
+        self._holds_lock = threading.Lock()
+        self._go = threading.Event()
+        self._go.set()
+
+    def hold(self) -> None:
+        with self._holds_lock:
+            self._holds += 1
+            self._go.clear()
+
+    def release(self) -> None:
+        with self._holds_lock:
+            self._holds = max(0, self._holds - 1)
+            if not self._holds:
+                self._go.set()
 
     @property
     def model_path(self) -> Path:
@@ -55,18 +107,17 @@ class LlamaCppEngine:
             model_path=str(path),
             n_ctx=self._config.n_ctx,
             n_threads=self._config.n_threads,
-            n_threads_batch=self._config.n_threads,
+            n_threads_batch=self._config.n_threads_batch,
             verbose=False,
         )
         if self._config.cache_mb:
             llm.set_cache(LlamaRAMCache(capacity_bytes=self._config.cache_mb << 20))
+        self._llm = llm
         # Evaluate the system prompt once so the first real turn starts from a warm KV cache.
         if self._system_prompt:
-            llm.create_chat_completion(
-                messages=[{"role": "system", "content": self._system_prompt}, {"role": "user", "content": "Hi"}],
-                max_tokens=1,
-            )
-        self._llm = llm
+            tokens = self._tokens([{"role": "system", "content": self._system_prompt}, {"role": "user", "content": "Hi"}])
+            for _ in llm.create_completion(prompt=tokens, max_tokens=1, stream=True):
+                pass
 
     async def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
@@ -76,6 +127,25 @@ class LlamaCppEngine:
         if self._llm is None:
             raise LLMError("model not loaded")
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def _tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        return list(self._llm.tokenize(chatml(messages).encode("utf-8"), add_bos=False, special=True))
+
+    def _reuse_kv(self, tokens: list[int]) -> None:
+        """If the prompt is the cached one minus a block (trimmed history), cut that block out of the
+        KV cache and shift the rest, so only the new suffix is evaluated (prompt eval is ~300 tok/s here)."""
+        llm = self._llm
+        n = int(llm.n_tokens)
+        found = shifted_reuse(llm.input_ids[:n].tolist(), tokens)
+        if found is None:
+            return
+        a, b = found
+        ctx = llm._ctx
+        if not ctx.kv_cache_seq_rm(0, a, b):
+            return
+        ctx.kv_cache_seq_shift(0, b, n, a - b)
+        llm.input_ids[a : n - (b - a)] = llm.input_ids[b:n].copy()
+        llm.n_tokens = n - (b - a)
 
     async def stream(
         self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float
@@ -91,14 +161,18 @@ class LlamaCppEngine:
 
         def run() -> None:
             try:
-                chunks = self._llm.create_chat_completion(
-                    messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
+                tokens = self._tokens(messages)
+                self._reuse_kv(tokens)
+                chunks = self._llm.create_completion(
+                    prompt=tokens, max_tokens=max_tokens, temperature=temperature, stream=True, stop=["<|im_end|>"]
                 )
                 for chunk in chunks:
+                    # Paused while a reply's first piece is synthesized (see SharesCPU); bounded, never a hang.
+                    self._go.wait(timeout=2.0)
                     if cancel.is_set():
                         chunks.close()
                         break
-                    delta = chunk["choices"][0]["delta"].get("content")
+                    delta = chunk["choices"][0]["text"]
                     if delta:
                         put(delta)
                 put(_DONE)

@@ -9,6 +9,10 @@ const input = $("text");
 const stopButton = $("stop");
 const statusLine = $("status");
 const unmute = $("unmute");
+const micButton = $("mic");
+const hearing = $("hearing");
+const partialLine = $("partial");
+const levelDot = $("level");
 
 const state = {
   ws: null,
@@ -19,6 +23,7 @@ const state = {
   pending: [], // texts typed while disconnected
   turns: [],
   sentAt: null,
+  mic: null, // {ctx, node, stream, seq}
 };
 
 function setState(name, message) {
@@ -78,12 +83,40 @@ function onEvent(e) {
       }
       setState("ready", "ready");
       for (const text of state.pending.splice(0)) send({ type: "user_text", text });
+      if (state.mic) send({ type: "mic_start", sample_rate: 16000, format: "pcm_s16le" });
+      break;
+    case "speech_start":
+      setState("hearing", "hearing you…");
+      break;
+    case "transcript":
+      if (e.final) {
+        partialLine.textContent = "";
+        if (e.text) {
+          bubble("user", e.text);
+          state.sentAt = performance.now();
+        }
+      } else {
+        partialLine.textContent = e.text;
+      }
+      break;
+    case "interrupt":
+      // Barge-in: drop everything queued for that turn at once; the server keeps what was heard.
+      if (state.turn && state.turn.id === e.turn_id) {
+        state.turn.done = true;
+        state.turn.record.reason = "interrupted";
+        state.turn.record.heard = e.heard;
+        if (state.turn.bubble) state.turn.bubble.classList.add("stopped");
+        endTurnMedia();
+      }
       break;
     case "turn_start":
       endTurnMedia();
       state.turn = {
         id: e.turn_id, bubble: null, text: "", queue: [], sb: null, ms: null, url: null, done: false, shown: false,
-        record: { turnId: e.turn_id, sentAt: state.sentAt, firstMediaAt: null, firstFrameAt: null, text: "", reason: null },
+        record: {
+          turnId: e.turn_id, sentAt: state.sentAt, firstMediaAt: null, firstFrameAt: null, text: "", reason: null,
+          stalls: 0, stallsAt: [], playedTo: 0, bufferedTo: 0, ended: false,
+        },
       };
       state.turns.push(state.turn.record);
       stopButton.disabled = false;
@@ -121,6 +154,7 @@ function onTurnDone(e) {
   if (!t || e.turn_id !== t.id) return;
   t.done = true;
   t.record.reason = e.reason;
+  t.record.mediaMs = e.media_ms;
   stopButton.disabled = true;
   if (e.reason === "stopped" || e.reason === "interrupted" || e.reason === "error") {
     if (t.bubble) t.bubble.classList.add("stopped");
@@ -154,7 +188,7 @@ function openMedia(t, mime) {
 
 function onMedia(buf) {
   const view = new DataView(buf);
-  if (buf.byteLength < 8 || view.getUint8(0) !== 0x41 || view.getUint8(1) !== 0x43 || view.getUint8(2) !== 1) return;
+  if (buf.byteLength < 8 || view.getUint8(0) !== 0x41 || view.getUint8(1) !== 0x43 || view.getUint8(2) !== 1 || view.getUint8(3) !== 1) return;
   const t = state.turn;
   if (!t || view.getUint32(4) !== t.id || !t.ms) return; // media of an old turn: drop
   if (t.record.firstMediaAt === null) t.record.firstMediaAt = performance.now();
@@ -227,9 +261,38 @@ function endTurnMedia() {
   }
 }
 
+// A "waiting" event mid-playback means the stream ran dry: a gap the user would see.
+turnVideo.addEventListener("waiting", () => {
+  const t = state.turn;
+  if (t && t.shown && !t.record.ended && turnVideo.currentTime > 0) {
+    t.record.stalls += 1;
+    t.record.stallsAt.push(turnVideo.currentTime);
+  }
+});
+
+turnVideo.addEventListener("timeupdate", () => {
+  const t = state.turn;
+  if (t && t.shown && !t.record.ended) {
+    t.record.playedTo = Math.max(t.record.playedTo, turnVideo.currentTime);
+    reportPlayback(t, !turnVideo.paused);
+  }
+});
+
+// The server needs to know what the person actually heard (for barge-in) and when the avatar is quiet.
+function reportPlayback(t, playing) {
+  const now = performance.now();
+  if (playing && t.lastReport && now - t.lastReport < 200) return;
+  t.lastReport = now;
+  send({ type: "playback", turn_id: t.id, position_ms: Math.round(turnVideo.currentTime * 1000), playing });
+}
+
 turnVideo.addEventListener("ended", () => {
   const t = state.turn;
   if (t && t.done) {
+    reportPlayback(t, false);
+    t.record.ended = true;
+    t.record.playedTo = turnVideo.currentTime;
+    if (t.sb && t.sb.buffered.length) t.record.bufferedTo = t.sb.buffered.end(t.sb.buffered.length - 1);
     endTurnMedia();
     setState("ready", "ready");
   }
@@ -264,6 +327,57 @@ unmute.addEventListener("click", () => {
   turnVideo.play().catch(() => {});
 });
 
+// ---- microphone ---------------------------------------------------------------------------------
+
+async function startMic() {
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+    });
+  } catch (err) {
+    bubble("note", `Microphone unavailable: ${err.message}. Allow it in the browser and press Talk again.`);
+    return;
+  }
+  const ctx = new AudioContext();
+  await ctx.audioWorklet.addModule("/static/mic-worklet.js");
+  const source = ctx.createMediaStreamSource(stream);
+  const node = new AudioWorkletNode(ctx, "mic-processor");
+  const mic = { ctx, node, stream, seq: 0 };
+  node.port.onmessage = (ev) => {
+    levelDot.style.transform = `scale(${1 + Math.min(2, ev.data.level * 8)})`;
+    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+    const pcm = new Uint8Array(ev.data.pcm);
+    const frame = new Uint8Array(8 + pcm.length);
+    const view = new DataView(frame.buffer);
+    view.setUint8(0, 0x41); view.setUint8(1, 0x43); view.setUint8(2, 1); view.setUint8(3, 2);
+    view.setUint32(4, mic.seq++);
+    frame.set(pcm, 8);
+    state.ws.send(frame);
+  };
+  source.connect(node);
+  state.mic = mic;
+  send({ type: "mic_start", sample_rate: 16000, format: "pcm_s16le" });
+  micButton.setAttribute("aria-pressed", "true");
+  micButton.textContent = "■ Listening";
+  hearing.classList.remove("hidden");
+  turnVideo.muted = false;
+}
+
+function stopMic() {
+  const mic = state.mic;
+  if (!mic) return;
+  state.mic = null;
+  send({ type: "mic_stop" });
+  mic.stream.getTracks().forEach((track) => track.stop());
+  mic.ctx.close();
+  micButton.setAttribute("aria-pressed", "false");
+  micButton.textContent = "🎤 Talk";
+  hearing.classList.add("hidden");
+}
+
+micButton.addEventListener("click", () => (state.mic ? stopMic() : startMic()));
+
 window.avatarChat = {
   get state() { return document.body.dataset.state; },
   get sessionId() { return state.sessionId; },
@@ -271,6 +385,9 @@ window.avatarChat = {
   get lastTurn() { return state.turns[state.turns.length - 1] || null; },
   send: sendText,
   stop: () => send({ type: "stop" }),
+  startMic,
+  stopMic,
+  get micOn() { return !!state.mic; },
 };
 
 connect();

@@ -1,0 +1,68 @@
+"""One shared ASR model, one worker thread, and a priority queue in front of it.
+
+Final transcripts (someone finished speaking) go before partial ones (someone is still speaking).
+A request whose caller gave up (its future was cancelled) is skipped before it reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from avatarchat import metrics
+from avatarchat.engines.asr.base import ASREngine
+
+FINAL, PARTIAL = 0, 1
+
+
+class ASRQueue:
+    def __init__(self, engine: ASREngine) -> None:
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="asr")
+        self._queue: asyncio.PriorityQueue[tuple[int, int, np.ndarray, asyncio.Future[str]]] | None = None
+        self._seq = itertools.count()
+        self._worker: asyncio.Task[None] | None = None
+
+    def load(self) -> None:
+        self.engine.load()
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        return self._executor
+
+    async def transcribe(self, audio: np.ndarray, priority: int = FINAL) -> str:
+        if self._queue is None:
+            self._queue = asyncio.PriorityQueue()
+            self._worker = asyncio.create_task(self._run(self._queue), name="asr-queue")
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((priority, next(self._seq), audio, future))
+        return await future
+
+    async def _run(self, queue: asyncio.PriorityQueue[tuple[int, int, np.ndarray, asyncio.Future[str]]]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            priority, _, audio, future = await queue.get()
+            if future.done():
+                continue  # the caller gave up
+            start = time.perf_counter()
+            try:
+                text = await loop.run_in_executor(self._executor, self.engine.transcribe, audio)
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                if not future.done():
+                    future.set_exception(e)
+                continue
+            metrics.STAGE_SECONDS.labels("asr_final" if priority == FINAL else "asr_partial").observe(
+                time.perf_counter() - start
+            )
+            if not future.done():
+                future.set_result(text)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)

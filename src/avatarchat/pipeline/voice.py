@@ -1,0 +1,164 @@
+"""Voice input for one session: mic PCM → VAD turn-taking → partial and final transcripts → turns.
+
+The final transcript, and the reply itself, start speculatively once the person has been silent for
+``voice.speculate_after_ms``; the reply is held (nothing reaches the client) until the silence reaches
+``voice.silence_ms``, and both are dropped if the person speaks again. So ASR, the LLM's first clause
+and the first TTS all hide inside the end-of-turn silence window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from avatarchat import metrics
+from avatarchat.engines.asr.base import ASRError
+from avatarchat.engines.asr.queue import FINAL, PARTIAL
+from avatarchat.pipeline.turn_taking import EndOfTurn, Partial, Resumed, SpeechStart, Speculate, TurnTaker
+
+if TYPE_CHECKING:
+    from avatarchat.pipeline.session import Session
+    from avatarchat.pipeline.turn import Turn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Speculation:
+    utterance_id: int
+    started: float
+    task: asyncio.Task[str] = field(repr=False)
+    turn_started: bool = False
+    starter: asyncio.Future[Turn] | None = field(default=None, repr=False)
+
+
+class VoiceInput:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        engines = session.engines
+        s = engines.settings
+        self._voice = s.voice
+        self._asr = engines.asr
+        self.taker = TurnTaker(engines.vad.stream(), s.vad, s.voice, s.asr.partial_interval_ms)
+        self._partial: asyncio.Task[None] | None = None
+        self._spec: _Speculation | None = None
+        self._final: asyncio.Task[None] | None = None
+        self._fed_samples = 0
+        self.last_voiced_at: float | None = None  # perf_counter() of the newest voiced window
+        self._asr_ms = 0
+
+    async def feed(self, pcm: bytes) -> None:
+        """Take one frame of 16 kHz mono signed 16-bit little-endian PCM."""
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+        self._fed_samples += len(samples)
+        session = self._session
+        # Echo guard: while the avatar talks, only longer speech counts as a barge-in.
+        speaking = session.speaking
+        self.taker.confirm_ms = (
+            max(self._voice.speech_confirm_ms, self._voice.barge_in_min_ms) if speaking else self._voice.speech_confirm_ms
+        )
+        for event in self.taker.push(samples):
+            if isinstance(event, SpeechStart):
+                await session.send.event("speech_start", voiced_ms=event.voiced_ms)
+                if speaking and self._voice.barge_in:
+                    metrics.BARGE_INS.inc()
+                    await session.interrupt()
+            elif isinstance(event, Partial):
+                if self._partial is None or self._partial.done():
+                    self._partial = asyncio.create_task(self._run_partial(event.audio, self.taker.utterance_id))
+            elif isinstance(event, Speculate):
+                await self._drop_speculation()
+                task = asyncio.create_task(self._timed_asr(event.audio))
+                self._spec = _Speculation(event.utterance_id, time.perf_counter(), task)
+                task.add_done_callback(lambda t, spec=self._spec: self._on_speculative_text(spec, t))
+            elif isinstance(event, Resumed):
+                await self._drop_speculation()
+            elif isinstance(event, EndOfTurn):
+                self._final = asyncio.create_task(self._finish(event))
+
+    async def _timed_asr(self, audio: np.ndarray) -> str:
+        start = time.perf_counter()
+        text = await self._asr.transcribe(audio, FINAL)
+        self._asr_ms = round((time.perf_counter() - start) * 1000)
+        return text
+
+    def _on_speculative_text(self, spec: _Speculation, task: asyncio.Task[str]) -> None:
+        if task.cancelled() or task.exception() is not None or self._spec is not spec:
+            return
+        text = task.result().strip()
+        if text and self.taker.state.value == "trailing":
+            spec.turn_started = True
+            # Start the reply now; it stays held until the end of the turn.
+            spec.starter = asyncio.ensure_future(self._session.user_text(text, held=True))
+
+    async def _drop_speculation(self) -> None:
+        spec, self._spec = self._spec, None
+        if spec is None:
+            return
+        spec.task.cancel()
+        if spec.starter is not None:
+            await asyncio.gather(spec.starter, return_exceptions=True)
+        if spec.turn_started:
+            await self._session.discard_held()
+            metrics.SPECULATIONS.labels("discarded").inc()
+
+    async def _finish(self, end: EndOfTurn) -> None:
+        session = self._session
+        spec = self._spec if self._spec is not None and self._spec.utterance_id == end.utterance_id else None
+        started = time.perf_counter()
+        try:
+            if spec is not None:
+                text = (await asyncio.shield(spec.task)).strip()
+            else:
+                text = (await self._timed_asr(end.audio)).strip()
+        except ASRError as e:
+            await session.send.event("error", code="asr_failed", message=str(e), fatal=False)
+            return
+        except asyncio.CancelledError:
+            if spec is not None and spec.task.cancelled():
+                return
+            raise
+        # Where the time after the last voiced window went: the end-of-turn silence, then any ASR wait.
+        timings = {
+            "endpoint_ms": end.trailing_ms,
+            "asr_ms": self._asr_ms,
+            "asr_wait_ms": round((time.perf_counter() - started) * 1000),
+            "speculative": spec is not None and spec.turn_started,
+        }
+        if not text:
+            await session.send.event("transcript", final=True, text="", utterance_id=end.utterance_id, timings=timings)
+            if spec is not None:
+                self._spec = None
+            return
+        await session.send.event("transcript", final=True, text=text, utterance_id=end.utterance_id, timings=timings)
+        if spec is not None and spec.turn_started:
+            self._spec = None
+            if spec.starter is not None:
+                await spec.starter
+            metrics.SPECULATIONS.labels("used").inc()
+            await session.release_held()
+        else:
+            self._spec = None
+            await session.user_text(text)
+
+    async def _run_partial(self, audio: np.ndarray, utterance_id: int) -> None:
+        try:
+            text = (await self._asr.transcribe(audio, PARTIAL)).strip()
+        except ASRError:
+            return  # a lost partial is harmless; the final one reports errors
+        if text and self.taker.utterance_id == utterance_id and self.taker.state.value in ("speaking", "trailing"):
+            await self._session.send.event("transcript", final=False, text=text, utterance_id=utterance_id)
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._partial, self._final) if t is not None and not t.done()]
+        if self._spec is not None:
+            tasks.append(self._spec.task)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._spec = None

@@ -1,0 +1,80 @@
+"""Real speech for voice tests: Piper and espeak-ng utterances as 16 kHz mono PCM, fed in real time."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import struct
+import time
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from avatarchat.config import EspeakConfig, PiperConfig
+from avatarchat.engines.tts.espeak import EspeakEngine
+from avatarchat.engines.tts.piper import PiperEngine
+
+RATE = 16000
+HEADER = struct.Struct(">2sBBI")
+
+
+@functools.cache
+def _piper() -> PiperEngine:
+    tts = PiperEngine(PiperConfig())
+    tts.load()
+    return tts
+
+
+def to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
+    if rate == RATE:
+        return audio.astype(np.float32)
+    g = np.gcd(RATE, rate)
+    return resample_poly(audio, RATE // g, rate // g).astype(np.float32)
+
+
+@functools.cache
+def piper_16k(text: str) -> np.ndarray:
+    s = _piper().synthesize(text)
+    return to_16k(s.audio, s.sample_rate)
+
+
+@functools.cache
+def espeak_16k(text: str, voice: str = "en-us") -> np.ndarray:
+    tts = EspeakEngine(EspeakConfig(voice=voice))
+    tts.load()
+    s = tts.synthesize(text)
+    return to_16k(s.audio, s.sample_rate)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), np.float32)
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def frame(pcm: bytes, seq: int = 0, kind: int = 2) -> bytes:
+    return HEADER.pack(b"AC", 1, kind, seq) + pcm
+
+
+async def feed_realtime(ws, audio: np.ndarray, chunk_ms: int = 20) -> float:  # type: ignore[no-untyped-def]
+    """Send ``audio`` as mic frames at the speed it would be spoken; returns perf_counter() at the end."""
+    n = RATE * chunk_ms // 1000
+    start = time.perf_counter()
+    for i, pos in enumerate(range(0, len(audio), n)):
+        await ws.send(frame(pcm16(audio[pos : pos + n]), i))
+        delay = start + (pos + n) / RATE - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    return time.perf_counter()
+
+
+def words(text: str) -> list[str]:
+    return [w for w in "".join(c.lower() if c.isalnum() else " " for c in text).split() if w]
+
+
+def word_match(expected: str, got: str) -> float:
+    """Share of the expected words found in the transcript, in order-insensitive form."""
+    want, have = words(expected), set(words(got))
+    return sum(w in have for w in want) / max(len(want), 1)

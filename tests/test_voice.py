@@ -1,0 +1,212 @@
+"""Hands-free voice end to end: real speech (Piper, espeak-ng) streamed as 16 kHz PCM in real time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.support.live_app import LiveApp
+from tests.support.speech import HEADER, espeak_16k, feed_realtime, frame, pcm16, piper_16k, silence, word_match
+
+
+@dataclass
+class VoiceClient:
+    """Records every message with its arrival time, and plays media the way a browser would (reports)."""
+
+    ws: ClientConnection
+    log: list[tuple[float, str, Any]] = field(default_factory=list)
+    media_at: dict[int, list[float]] = field(default_factory=dict)
+    _reader: asyncio.Task[None] | None = None
+    _new: asyncio.Event = field(default_factory=asyncio.Event)
+    _player: asyncio.Task[None] | None = None
+
+    async def start(self) -> VoiceClient:
+        self._reader = asyncio.create_task(self._read())
+        await self.wait_for("session")
+        await self.send(type="mic_start", sample_rate=16000, format="pcm_s16le")
+        await self.wait_for("mic_ready")
+        return self
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            now = time.perf_counter()
+            if isinstance(msg, bytes):
+                turn_id = HEADER.unpack_from(msg)[3]
+                self.media_at.setdefault(turn_id, []).append(now)
+                self.log.append((now, "media", turn_id))
+            else:
+                e = json.loads(msg)
+                self.log.append((now, e["type"], e))
+                if e["type"] == "media_start":
+                    self._start_player(e["turn_id"])
+                if e["type"] == "interrupt" and self._player is not None:
+                    self._player.cancel()
+            self._new.set()
+
+    def _start_player(self, turn_id: int) -> None:
+        """Report playback position every 100 ms from the first fragment, as the page does."""
+        if self._player is not None:
+            self._player.cancel()
+
+        async def play() -> None:
+            t0 = time.perf_counter()
+            while True:
+                await asyncio.sleep(0.1)
+                await self.send(type="playback", turn_id=turn_id, position_ms=(time.perf_counter() - t0) * 1000,
+                                playing=True)
+
+        self._player = asyncio.create_task(play())
+
+    async def send(self, **event: Any) -> None:
+        await self.ws.send(json.dumps(event))
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [p for _, k, p in self.log if k == kind]
+
+    async def wait_for(self, kind: str, timeout: float = 60, after: int = 0, **match: Any) -> tuple[float, dict[str, Any]]:
+        deadline = time.perf_counter() + timeout
+        while True:
+            for t, k, p in self.log[after:]:
+                if k == kind and all(p.get(key) == v for key, v in match.items()):
+                    return t, p
+            self._new.clear()
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError(f"no {kind} {match}; saw {[k for _, k, _ in self.log][-30:]}")
+            try:
+                await asyncio.wait_for(self._new.wait(), left)
+            except TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        for task in (self._player, self._reader):
+            if task is not None:
+                task.cancel()
+        await self.ws.close()
+
+
+async def voice_client(app: LiveApp) -> VoiceClient:
+    return await VoiceClient(await connect(app.ws, max_size=None)).start()
+
+
+async def test_spoken_question_gets_a_transcript_and_a_reply(live_app: LiveApp) -> None:
+    c = await voice_client(live_app)
+    text = "Hello there, can you tell me what the weather is like on the moon?"
+    await feed_realtime(c.ws, np.concatenate([silence(0.3), piper_16k(text)]))
+    end = await feed_realtime(c.ws, silence(1.0))
+    _, final = await c.wait_for("transcript", final=True)
+    assert word_match(text, final["text"]) >= 0.8, final
+    assert c.events("speech_start")
+    partials = [e for e in c.events("transcript") if not e["final"]]
+    assert partials and all(e["text"] for e in partials)  # partial transcripts while speaking
+    _, start = await c.wait_for("turn_start")
+    assert start["user_text"] == final["text"]
+    _, done = await c.wait_for("turn_done", timeout=90)
+    assert done["reason"] == "complete" and done["text"].strip()
+    assert c.media_at.get(start["turn_id"])
+    assert end > 0
+    await c.close()
+
+
+async def test_espeak_voice_is_understood_too(live_app: LiveApp) -> None:
+    c = await voice_client(live_app)
+    text = "Please tell me a joke about computers."
+    await feed_realtime(c.ws, np.concatenate([silence(0.2), espeak_16k(text), silence(1.0)]))
+    _, final = await c.wait_for("transcript", final=True)
+    assert word_match(text, final["text"]) >= 0.8, final
+    await c.wait_for("turn_done", timeout=90)
+    await c.close()
+
+
+async def test_silence_noise_and_tones_trigger_no_turn(live_app: LiveApp) -> None:
+    c = await voice_client(live_app)
+    rng = np.random.default_rng(3)
+    t = np.arange(32000) / 16000
+    await feed_realtime(c.ws, silence(1.0))
+    await feed_realtime(c.ws, (0.25 * rng.standard_normal(32000)).astype(np.float32))
+    await feed_realtime(c.ws, (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+    await feed_realtime(c.ws, silence(0.8))
+    kinds = {k for _, k, _ in c.log}
+    assert not kinds & {"speech_start", "transcript", "turn_start"}, kinds
+    await c.close()
+
+
+async def test_barge_in_cancels_the_reply_and_keeps_only_what_was_heard(live_app: LiveApp) -> None:
+    c = await voice_client(live_app)
+    await feed_realtime(c.ws, np.concatenate([piper_16k("Please tell me a long story about a brave knight."), silence(0.9)]))
+    _, start = await c.wait_for("turn_start")
+    first = start["turn_id"]
+    await c.wait_for("media_start", turn_id=first)
+    await asyncio.sleep(1.5)  # the person listens for a while, then talks over the avatar
+    mark = len(c.log)
+    second = "Stop, tell me about the sun instead."
+    await feed_realtime(c.ws, np.concatenate([piper_16k(second), silence(0.9)]))
+
+    t_speech, _ = await c.wait_for("speech_start", after=mark)
+    t_int, interrupt = await c.wait_for("interrupt", after=mark)
+    assert interrupt["turn_id"] == first
+    # Media of the interrupted turn stops at once (from speech confirmed to its last fragment).
+    last_media = max(t for t in c.media_at[first])
+    assert t_int - t_speech < 0.2
+    assert last_media - t_speech < 0.2, last_media - t_speech
+    # The history holds only what the person heard: about 1.5-2.5 s of speech, not the whole reply.
+    heard = interrupt["heard"]
+    _, done1 = await c.wait_for("turn_done", after=0, turn_id=first)
+    assert done1["reason"] in ("interrupted", "complete")
+    full = done1["text"]
+    assert heard and len(heard) < len(full), (heard, full)
+    assert full.startswith(heard.split()[0])
+    # The next answer follows, to the new question.
+    _, start2 = await c.wait_for("turn_start", after=mark, timeout=30)
+    assert word_match(second, start2["user_text"]) >= 0.7
+    _, done2 = await c.wait_for("turn_done", after=mark, turn_id=start2["turn_id"], timeout=90)
+    assert done2["reason"] == "complete"
+    session = next(iter(live_app.app.state.sessions._sessions.values()))
+    turns = [(m.role, m.content) for m in session.history.turns]
+    assert ("assistant", heard) in turns
+    assert ("assistant", full) not in turns
+    await c.close()
+
+
+async def test_malformed_audio_frames_give_errors_and_the_session_stays_up(live_app: LiveApp) -> None:
+    ws = await connect(live_app.ws, max_size=None)
+    c = VoiceClient(ws)
+    c._reader = asyncio.create_task(c._read())
+    await c.wait_for("session")
+    limit = live_app.settings.voice.max_audio_frame_bytes
+    await ws.send(frame(pcm16(silence(0.02))))  # audio before mic_start
+    _, e = await c.wait_for("error")
+    assert e["code"] == "audio_not_started" and not e["fatal"]
+    await c.send(type="mic_start", sample_rate=44100)
+    _, e = await c.wait_for("error", after=len(c.log) - 1, code="invalid_field")
+    await c.send(type="mic_start")
+    await c.wait_for("mic_ready")
+    cases = [
+        (frame(b"\x00\x01\x02"), "bad_audio"),  # odd byte count
+        (frame(b"\x00" * limit), "audio_too_large"),
+        (b"XY" + frame(b"")[2:], "bad_binary"),
+        (frame(b"\x00\x00", kind=9), "bad_binary"),
+        (b"\x00\x01", "bad_binary"),
+    ]
+    for payload, code in cases:
+        mark = len(c.log)
+        await ws.send(payload)
+        _, e = await c.wait_for("error", after=mark)
+        assert e["code"] == code and e["fatal"] is False, (code, e)
+    mark = len(c.log)
+    await c.send(type="playback", turn_id="x", position_ms=1)
+    _, e = await c.wait_for("error", after=mark)
+    assert e["code"] == "invalid_field"
+    # Still up, and still listening: a real utterance works after all that.
+    text = "What time is it?"
+    await feed_realtime(ws, np.concatenate([piper_16k(text), silence(0.9)]))
+    _, final = await c.wait_for("transcript", final=True)
+    assert word_match(text, final["text"]) >= 0.75
+    await c.wait_for("turn_done", timeout=90)
+    await c.close()
