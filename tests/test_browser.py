@@ -17,18 +17,23 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's ch
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
+def pw() -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", "--disable-gpu",
-                  "--disable-background-networking", "--mute-audio"],
-        )
-        yield b
-        b.close()
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(pw) -> Iterator[object]:  # type: ignore[no-untyped-def]
+    b = pw.chromium.launch(
+        executable_path=CHROMIUM,
+        headless=True,
+        args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", "--disable-gpu",
+              "--disable-background-networking", "--mute-audio"],
+    )
+    yield b
+    b.close()
 
 
 def test_page_plays_the_answer_gaplessly(live_app: LiveApp, browser) -> None:  # type: ignore[no-untyped-def]
@@ -58,7 +63,6 @@ def test_page_plays_the_answer_gaplessly(live_app: LiveApp, browser) -> None:  #
     bot = page.inner_text("#transcript li.bot")
     assert bot.strip() == turn["text"].strip()
     # Gapless: every sentence played through with no stall, to the end of the streamed media.
-    print(turn)
     assert turn["stalls"] == 0, turn
     assert abs(turn["playedTo"] * 1000 - turn["mediaMs"]) < 100, turn
     assert page.evaluate("window.avatarChat.state") == "ready"
@@ -80,3 +84,44 @@ def test_page_stop_button_cuts_the_answer(live_app: LiveApp, browser) -> None:  
     assert page.evaluate("window.avatarChat.state") == "ready"
     assert page.locator("#transcript li.bot.stopped").count() == 1
     page.close()
+
+
+def test_page_talks_through_the_microphone(live_app: LiveApp, pw, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Chromium's fake microphone plays a Piper recording: the AudioWorklet path yields a transcript and a reply."""
+    import wave
+
+    import numpy as np
+
+    from tests.support.speech import piper_16k, silence, word_match
+
+    text = "What is the tallest mountain in the world?"
+    audio = np.concatenate([silence(1.0), piper_16k(text), silence(2.5)])
+    wav = tmp_path / "question.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    b = pw.chromium.launch(
+        executable_path=CHROMIUM,
+        headless=True,
+        args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", "--mute-audio",
+              "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+              f"--use-file-for-fake-audio-capture={wav}%noloop"],
+    )
+    page = b.new_page()
+    page.goto(live_app.http)
+    page.wait_for_function("window.avatarChat && window.avatarChat.state === 'ready'", timeout=30_000)
+    page.click("#mic")
+    page.wait_for_function("window.avatarChat.micOn", timeout=10_000)
+    page.wait_for_function("window.avatarChat.heard.length > 0", timeout=30_000)
+    heard = page.evaluate("window.avatarChat.heard[0]")
+    assert word_match(text, heard) >= 0.7, heard
+    page.wait_for_function("(() => { const t = window.avatarChat.lastTurn; return t && t.firstFrameAt; })()",
+                           timeout=60_000)
+    assert page.locator("#transcript li.user").first.inner_text() == heard
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-voice.png"))
+    page.click("#mic")  # off again
+    assert not page.evaluate("window.avatarChat.micOn")
+    b.close()

@@ -171,3 +171,25 @@ async def test_asr_queue_serves_finals_first_and_skips_abandoned(asr: WhisperEng
     await asyncio.gather(first, partial, final, abandoned, return_exceptions=True)
     assert order == ["busy", "final", "partial"]
     await queue.close()
+
+
+LONG = "Please tell me a long story about a brave knight who rides out to save the village from a dragon."
+
+
+def test_short_encoder_window_matches_the_stock_30s_window(asr: WhisperEngine) -> None:
+    stock = WhisperEngine(ASRConfig(min_window_s=30))
+    stock.load()
+    for truth, audio in (
+        ("Can you recommend a good movie for tonight?", piper_16k("Can you recommend a good movie for tonight?")),
+        ("How is the weather today?", espeak_16k("How is the weather today?")),
+        ("Tell me something interesting about octopuses.", espeak_16k("Tell me something interesting about octopuses.")),
+        (LONG, piper_16k(LONG)),
+    ):
+        short, full = asr.transcribe(audio), stock.transcribe(audio)
+        assert word_match(truth, short) >= word_match(truth, full) - 0.1, (short, full)
+        assert word_match(truth, short) >= 0.6, short
+
+
+def test_asr_bad_model_path_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ASRError, match="cannot load"):
+        WhisperEngine(ASRConfig(model_path=str(tmp_path), language="zh")).load()

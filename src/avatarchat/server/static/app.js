@@ -24,6 +24,7 @@ const state = {
   turns: [],
   sentAt: null,
   mic: null, // {ctx, node, stream, seq}
+  heard: [], // final transcripts of what the person said
 };
 
 function setState(name, message) {
@@ -92,6 +93,7 @@ function onEvent(e) {
       if (e.final) {
         partialLine.textContent = "";
         if (e.text) {
+          state.heard.push(e.text);
           bubble("user", e.text);
           state.sentAt = performance.now();
         }
@@ -388,6 +390,7 @@ window.avatarChat = {
   startMic,
   stopMic,
   get micOn() { return !!state.mic; },
+  get heard() { return state.heard; },
 };
 
 connect();
