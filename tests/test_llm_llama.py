@@ -83,3 +83,17 @@ async def test_trimmed_history_reuses_the_kv_cache(llama: LlamaCppEngine) -> Non
     assert same > 0.8 * len(tokens) - 12  # the cache holds nearly all of the trimmed prompt
     out = "".join([d async for d in llama.stream(trimmed, max_tokens=8, temperature=0.0)])
     assert out.strip()
+
+
+async def test_prefill_leaves_only_the_new_words_to_evaluate(llama: LlamaCppEngine) -> None:
+    history = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there."},
+               {"role": "assistant", "content": "Hello! How can I help?"}]
+    await llama.prefill(history)
+    nxt = llama._tokens(history + [{"role": "user", "content": "Name a colour."}])
+    cached = llama._llm.input_ids[: llama._llm.n_tokens].tolist()
+    assert llama._llm.n_tokens > 10 and nxt[: len(cached)] == cached
+    assert len(nxt) - len(cached) < 15  # the person's words and the assistant header
+    out = "".join([d async for d in llama.stream(history + [{"role": "user", "content": "Name a colour."}],
+                                                 max_tokens=8, temperature=0.0)])
+    assert out.strip()
+    await llama.prefill(history)  # idempotent: nothing left to evaluate

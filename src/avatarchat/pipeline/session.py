@@ -18,6 +18,7 @@ import psutil
 
 from avatarchat import metrics
 from avatarchat.config import SessionConfig
+from avatarchat.engines.llm.base import Prefills
 from avatarchat.pipeline.history import History
 from avatarchat.pipeline.turn import Sender, Turn, TurnError, TurnResult
 from avatarchat.pipeline.voice import VoiceInput
@@ -92,6 +93,7 @@ class Session:
         self._task: asyncio.Task[None] | None = None
         self._gate: GatedSender | None = None  # set while the running turn is speculative
         self._playback: Playback | None = None
+        self._prefill: asyncio.Task[None] | None = None
         self._on_idle = on_idle
         self._idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
@@ -207,6 +209,15 @@ class Session:
         self._frame = turn.next_frame
         await self._done(turn, result)
         self.touch()
+        if isinstance(self.engines.llm, Prefills) and not self.closed:
+            # Outside the turn's task: a stop or barge-in now must not see the turn as still running.
+            self._prefill = asyncio.create_task(self._prefill_history(), name=f"prefill-{self.id[:8]}")
+
+    async def _prefill_history(self) -> None:
+        try:
+            await self.engines.llm.prefill(self.history.messages())  # type: ignore[attr-defined]
+        except Exception:  # an optimisation only: the next turn evaluates whatever is missing
+            log.exception("prefill failed", extra={"session": self.id})
 
     async def cancel_turn(self, reason: str = "stopped") -> bool:
         """Cancel the running turn and tell the client. Returns whether there was one."""
@@ -249,10 +260,11 @@ class Session:
         if self.voice is not None:
             await self.voice.close()
             self.voice = None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        self._task = self._turn = self._gate = None
+        for t in (task, self._prefill):
+            if t is not None and not t.done():
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
+        self._task = self._turn = self._gate = self._prefill = None
         self.history.clear()
 
 

@@ -162,7 +162,10 @@ class AvatarRenderer:
         u, v = frame.uv(gx, gy)
         upper = np.interp(u, uu, vu).astype(np.float32)
         lower = np.interp(u, ul, vl).astype(np.float32)
-        split = (upper + lower) / 2  # where upper and lower teeth (or lips) meet
+        # Where the jaw parts. With teeth showing (a smile) they are mostly the upper teeth, which stay
+        # with the skull: part the jaw just above the lower lip so they are not cut in half.
+        shows_teeth = self._shows_teeth(lm)
+        split = upper + (0.78 if shows_teeth else 0.5) * (lower - upper)
         self._split_dist = np.abs(v - split).astype(np.float32)
         below = v > split
 
@@ -202,7 +205,7 @@ class AvatarRenderer:
         self._gap_centre = np.clip(1 - (u / inner_hw) ** 2, 0, 1).astype(np.float32)
         self._jaw_px = j
         self._teeth_band = np.where(below, -1.0, split - v).astype(np.float32)  # distance above the split
-        self._draw_teeth = not self._shows_teeth(lm)
+        self._draw_teeth = not shows_teeth
         self._mouth_width = 2 * mw
 
     def _shows_teeth(self, lm: np.ndarray) -> bool:

@@ -39,3 +39,10 @@ class SharesCPU(Protocol):
     def hold(self) -> None: ...
 
     def release(self) -> None: ...
+
+
+@runtime_checkable
+class Prefills(Protocol):
+    """A local engine that can evaluate a conversation's history ahead of the next message."""
+
+    async def prefill(self, messages: list[dict[str, str]]) -> None: ...

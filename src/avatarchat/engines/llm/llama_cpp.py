@@ -147,6 +147,30 @@ class LlamaCppEngine:
         llm.input_ids[a : n - (b - a)] = llm.input_ids[b:n].copy()
         llm.n_tokens = n - (b - a)
 
+    async def prefill(self, messages: list[dict[str, str]]) -> None:
+        """Between turns: evaluate the history and the next user turn's opening into the KV cache, so the
+        next request only evaluates the person's words (prompt eval runs at ~300 tok/s here)."""
+        if self._llm is None:
+            return
+        prefix = chatml(messages).removesuffix("<|im_start|>assistant\n") + "<|im_start|>user\n"
+
+        def run() -> None:
+            llm = self._llm
+            tokens = list(llm.tokenize(prefix.encode("utf-8"), add_bos=False, special=True))
+            self._reuse_kv(tokens)
+            cached = llm.input_ids[: llm.n_tokens].tolist()
+            same = 0
+            while same < min(len(cached), len(tokens)) and cached[same] == tokens[same]:
+                same += 1
+            if same == len(tokens) or same == 0:
+                return
+            if same < llm.n_tokens and not llm._ctx.kv_cache_seq_rm(0, same, -1):
+                return
+            llm.n_tokens = same
+            llm.eval(tokens[same:])
+
+        await asyncio.get_running_loop().run_in_executor(self._worker, run)
+
     async def stream(
         self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float
     ) -> AsyncIterator[str]:

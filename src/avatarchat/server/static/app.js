@@ -361,7 +361,7 @@ async function startMic() {
   state.mic = mic;
   send({ type: "mic_start", sample_rate: 16000, format: "pcm_s16le" });
   micButton.setAttribute("aria-pressed", "true");
-  micButton.textContent = "■ Listening";
+  micButton.textContent = "Listening…";
   hearing.classList.remove("hidden");
   turnVideo.muted = false;
 }
@@ -374,7 +374,7 @@ function stopMic() {
   mic.stream.getTracks().forEach((track) => track.stop());
   mic.ctx.close();
   micButton.setAttribute("aria-pressed", "false");
-  micButton.textContent = "🎤 Talk";
+  micButton.textContent = "Talk";
   hearing.classList.add("hidden");
 }
 
