@@ -26,9 +26,10 @@ def upstream(openai_server: OpenAITestServer) -> Iterator[OpenAITestServer]:
 
 
 @pytest.fixture(scope="session")
-def live_app() -> Iterator[LiveApp]:
+def live_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
     """The real app with the embedded models, shared by the end-to-end tests."""
-    settings = load_settings(session={"max_sessions": 4}, llm={"max_tokens": 60})
+    avatars = tmp_path_factory.mktemp("avatars")
+    settings = load_settings(session={"max_sessions": 4}, llm={"max_tokens": 60}, avatar={"dir": str(avatars)})
     app = LiveApp(settings).start()
     yield app
     app.stop()

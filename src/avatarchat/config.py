@@ -133,7 +133,11 @@ class VoiceConfig(BaseModel):
 
 class AvatarConfig(BaseModel):
     default: str = Field("default", description="Avatar used when a session names none.")
-    dir: str | None = Field(None, description="Extra avatars directory; the shipped default is always available.")
+    dir: str = Field(
+        "data/avatars", description="Uploaded avatars (files + avatars.sqlite); the shipped default is always there."
+    )
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest portrait upload.")
+    max_upload_pixels: int = Field(40_000_000, ge=4096, description="Largest portrait, in pixels (decompression-bomb guard).")
     fps: int = Field(25, ge=10, le=60, description="Video frame rate.")
 
 
@@ -157,6 +161,9 @@ class PipelineConfig(BaseModel):
     queue_size: int = Field(4, ge=1, description="Bound of each queue between stages.")
     render_batch_frames: int = Field(5, ge=1, description="Frames rendered and encoded per worker call.")
     workers: int = Field(2, ge=1, description="Threads for TTS, rendering and encoding.")
+    max_lead_ms: int = Field(
+        1000, ge=200, description="Render at most this far ahead of playback; the cores go to the next piece first."
+    )
 
 
 class SessionConfig(BaseModel):

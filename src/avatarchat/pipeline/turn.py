@@ -77,6 +77,7 @@ class Turn:
         self._send = send
         self._t0 = t0 if t0 is not None else time.perf_counter()
         self._frame = first_frame
+        self._first_frame = first_frame
         self.reply = ""
         self._spoken: list[str] = []
         self.timings: dict[str, int] = {}
@@ -206,6 +207,7 @@ class Turn:
             self.sentences.append((start_ms, round(piece.frames * 1000 / self._s.avatar.fps), piece.text))
             pos = 0
             while pos < piece.frames:
+                await self._pace()
                 n = _FIRST_BATCH if "first_video" not in self.timings else batch
                 rows = piece.mouth[pos : pos + n]
                 started = time.perf_counter()
@@ -269,6 +271,17 @@ class Turn:
             self._release_llm()
         metrics.MEDIA_BYTES.inc(len(data))
         await self._send.media(self.turn_id, data)
+
+    async def _pace(self) -> None:
+        """Stay at most ``pipeline.max_lead_ms`` ahead of playback: rendering far ahead of the listener
+        takes the cores from the next piece's LLM and TTS (a stall the person sees), and is wasted
+        when they interrupt."""
+        if self.first_media_at is None:
+            return
+        sent_ms = (self._frame - self._first_frame) * 1000 / self._s.avatar.fps
+        ahead_ms = sent_ms - (time.perf_counter() - self.first_media_at) * 1000
+        if ahead_ms > self._s.pipeline.max_lead_ms:
+            await asyncio.sleep((ahead_ms - self._s.pipeline.max_lead_ms) / 1000)
 
     def _release_llm(self) -> None:
         if self._llm_held:

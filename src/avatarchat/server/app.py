@@ -19,7 +19,9 @@ from avatarchat.engines.avatar.library import UnknownAvatarError
 from avatarchat.engines.registry import Engines
 from avatarchat.metrics import REGISTRY
 from avatarchat.pipeline.session import SessionManager
+from avatarchat.server.avatar_api import router as avatar_router
 from avatarchat.server.idle import IdleClips
+from avatarchat.services.avatar_store import AvatarStore
 from avatarchat.server.ws import router as ws_router
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,11 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
         app.state.engines = eng
         app.state.sessions = SessionManager(settings.session)
         app.state.idle = IdleClips(eng)
+        app.state.avatar_store = AvatarStore(
+            settings.avatar.dir,
+            max_upload_bytes=settings.avatar.max_upload_bytes,
+            max_pixels=settings.avatar.max_upload_pixels,
+        )
         # Load in the background: /health answers at once, /ready once the models are warm.
         loader = asyncio.create_task(_load(eng, app.state.idle))
         try:
@@ -42,10 +49,12 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
             await asyncio.gather(loader, return_exceptions=True)
             await app.state.sessions.close_all()
             await eng.close()
+            app.state.avatar_store.close()
 
     app = FastAPI(title="Avatar Chat", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.include_router(ws_router)
+    app.include_router(avatar_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

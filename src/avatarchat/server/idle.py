@@ -31,6 +31,9 @@ class IdleClips:
         self._engines = engines
         self._clips: dict[str, asyncio.Future[bytes]] = {}
 
+    def forget(self, name: str) -> None:
+        self._clips.pop(name, None)
+
     async def get(self, name: str) -> bytes:
         """Render once per avatar (in a worker thread); concurrent callers share the result."""
         fut = self._clips.get(name)

@@ -47,5 +47,10 @@ class AvatarLibrary:
                 self._renderers[name] = AvatarRenderer(AvatarModel.load(self._dir(name)), fps=self._fps)
             return self._renderers[name]
 
+    def forget(self, name: str) -> None:
+        """Drop a deleted avatar's renderer."""
+        with self._lock:
+            self._renderers.pop(name, None)
+
     def poster(self, name: str) -> np.ndarray:
         return self.renderer(name).render(0, np.zeros(3, np.float32))

@@ -1,0 +1,159 @@
+"""Avatars people upload: validated, framed around the face, stored atomically (files) with metadata in SQLite.
+
+The files are the avatar (``portrait.png`` + ``landmarks.json``, written to a temporary directory and
+renamed into place by ``AvatarModel.save``); the SQLite row is written after the rename. On open,
+directories without a row (a crash between the two) and stray temporary directories are removed,
+so a crash during an upload never leaves a half-made avatar.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from avatarchat.engines.avatar.face import AvatarModel, NoFaceError, create_avatar
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+BUILTIN = "default"
+FORMATS = {"PNG", "JPEG", "WEBP"}
+
+
+class AvatarStoreError(Exception):
+    """A request the store refuses; ``status`` is the HTTP status that fits."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class AvatarInfo:
+    name: str
+    builtin: bool
+    created: float
+    width: int
+    height: int
+    source: str  # the uploaded file's name, or "builtin"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, "builtin": self.builtin, "created": self.created, "width": self.width,
+                "height": self.height, "source": self.source}
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Bytes → RGB uint8, refusing non-images, unsupported formats, decompression bombs and truncated files."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            w, h = img.size  # read from the header, before any pixel is decoded
+            if fmt not in FORMATS:
+                raise AvatarStoreError(415, f"unsupported image format {fmt}; use PNG, JPEG or WebP")
+            if w * h > max_pixels:
+                raise AvatarStoreError(413, f"image is {w}×{h} = {w * h} pixels; the limit is {max_pixels}")
+            img.load()
+    except AvatarStoreError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise AvatarStoreError(413, f"image is too large to decode safely: {e}") from e
+    except OSError as e:  # PIL.UnidentifiedImageError is an OSError; so is a truncated file
+        raise AvatarStoreError(400, f"not a readable image: {e}") from e
+    if w < 64 or h < 64:
+        raise AvatarStoreError(422, f"image is {w}×{h}; a portrait needs at least 64×64 pixels")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+class AvatarStore:
+    def __init__(self, directory: str | Path, *, max_upload_bytes: int, max_pixels: int, size: int = 512) -> None:
+        self.dir = Path(directory)
+        self.max_upload_bytes = max_upload_bytes
+        self.max_pixels = max_pixels
+        self.size = size
+        self._lock = threading.Lock()  # one writer at a time; SQLite and the rename need no more
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.dir / "avatars.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS avatars (name TEXT PRIMARY KEY, created REAL NOT NULL, "
+            "width INTEGER NOT NULL, height INTEGER NOT NULL, source TEXT NOT NULL)"
+        )
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        rows = {r[0] for r in self._db.execute("SELECT name FROM avatars")}
+        for path in self.dir.iterdir():
+            if not path.is_dir():
+                continue
+            if path.name.startswith(".") or path.name not in rows or not (path / "portrait.png").is_file():
+                shutil.rmtree(path, ignore_errors=True)  # an interrupted upload or delete
+        for name in rows - {p.name for p in self.dir.iterdir() if p.is_dir()}:
+            self._db.execute("DELETE FROM avatars WHERE name = ?", (name,))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def list(self) -> list[AvatarInfo]:
+        rows = self._db.execute("SELECT name, created, width, height, source FROM avatars ORDER BY created").fetchall()
+        return [AvatarInfo(BUILTIN, True, 0.0, self.size, self.size, "builtin")] + [
+            AvatarInfo(n, False, c, w, h, s) for n, c, w, h, s in rows
+        ]
+
+    def exists(self, name: str) -> bool:
+        return name == BUILTIN or self._db.execute("SELECT 1 FROM avatars WHERE name = ?", (name,)).fetchone() is not None
+
+    def add(self, name: str, data: bytes, source: str = "upload") -> AvatarInfo:
+        """Validate, detect the face, frame and store. Blocking CPU work (~0.1-0.5 s): call it off the loop."""
+        check_name(name)
+        if len(data) > self.max_upload_bytes:
+            raise AvatarStoreError(413, f"upload is {len(data)} bytes; the limit is {self.max_upload_bytes}")
+        if self.exists(name):
+            raise AvatarStoreError(409, f"an avatar named {name!r} already exists")
+        rgb = decode_image(data, self.max_pixels)
+        try:
+            model = create_avatar(rgb, name, size=self.size)
+        except NoFaceError as e:
+            raise AvatarStoreError(422, f"no face found in the image: {e}") from e
+        with self._lock:
+            if self.exists(name):
+                raise AvatarStoreError(409, f"an avatar named {name!r} already exists")
+            model.save(self.dir / name, meta={"source": source[:200]})
+            created = time.time()
+            self._db.execute(
+                "INSERT INTO avatars (name, created, width, height, source) VALUES (?, ?, ?, ?, ?)",
+                (name, created, self.size, self.size, source[:200]),
+            )
+        return AvatarInfo(name, False, created, self.size, self.size, source[:200])
+
+    def delete(self, name: str) -> None:
+        check_name(name)
+        if name == BUILTIN:
+            raise AvatarStoreError(403, "the built-in avatar cannot be deleted")
+        with self._lock:
+            if not self.exists(name):
+                raise AvatarStoreError(404, f"no avatar named {name!r}")
+            self._db.execute("DELETE FROM avatars WHERE name = ?", (name,))
+            # Rename first, so a crash mid-delete leaves a hidden directory that the next open removes.
+            trash = self.dir / f".deleted-{name}-{time.monotonic_ns()}"
+            (self.dir / name).rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def load(self, name: str) -> AvatarModel:
+        return AvatarModel.load(self.dir / name)
+
+
+def check_name(name: str) -> None:
+    if not NAME.match(name):
+        raise AvatarStoreError(
+            400, "avatar names are 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+        )
