@@ -5,6 +5,9 @@ silence window, through the WebSocket a browser uses. Per utterance the server's
 printed too: the end-of-turn silence, ASR, the LLM's first clause, TTS of the first piece, render.
 
     .venv/bin/python bench/bench_voice.py [--utterances 24]
+
+Each question is asked after the previous reply has finished playing (real time), as a person who
+does not interrupt would; replies are capped at 48 tokens so the run takes minutes, not half an hour.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ async def one(ws, text: str, turn_hint: int) -> dict[str, float]:  # type: ignor
     speech_end = time.perf_counter()
     await feed_realtime(ws, silence(1.2))
     await asyncio.wait_for(task, 120)
+    # A polite listener: the next question comes once the avatar has finished speaking (no barge-in).
+    rest = got["first_video"] + done["media_ms"] / 1000 + 0.3 - time.perf_counter()
+    if rest > 0:
+        await feed_realtime(ws, silence(rest))
     t = done["timings"]
     v = transcript.get("timings", {})
     return {
@@ -100,7 +107,8 @@ async def main() -> None:
     for q in QUESTIONS:
         piper_16k(q)  # synthesize the test speech before timing anything
     rows: list[dict[str, float]] = []
-    with server() as (base, _proc):
+    # Short replies: the figure is about the first frame, and each question waits for the reply to end.
+    with server({"AVATARCHAT_LLM__MAX_TOKENS": "48"}) as (base, _proc):
         async with connect(f"ws://{base}/ws", max_size=None) as ws:
             json.loads(await ws.recv())
             await ws.send(json.dumps({"type": "mic_start"}))

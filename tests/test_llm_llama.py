@@ -62,6 +62,10 @@ def test_shifted_reuse_finds_the_trimmed_block() -> None:
     assert shifted_reuse(system + kept, system + kept + new) is None  # a plain prefix: nothing to cut
     assert shifted_reuse(system + old_turn + kept[:5], system + kept[:5]) is None  # too little left to keep
     assert shifted_reuse([1, 2, 3], [9, 9, 9]) is None
+    # The same 20 tokens again later in a long history is a coincidence, not a trim.
+    repeat = list(range(300, 320))
+    old = system + list(range(400, 450)) + repeat + list(range(500, 600))
+    assert shifted_reuse(old, system + repeat + [8]) is None
 
 
 async def test_trimmed_history_reuses_the_kv_cache(llama: LlamaCppEngine) -> None:

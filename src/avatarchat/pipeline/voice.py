@@ -19,7 +19,7 @@ import numpy as np
 from avatarchat import metrics
 from avatarchat.engines.asr.base import ASRError
 from avatarchat.engines.asr.queue import FINAL, PARTIAL
-from avatarchat.pipeline.turn_taking import EndOfTurn, Partial, Resumed, SpeechStart, Speculate, TurnTaker
+from avatarchat.pipeline.turn_taking import EndOfTurn, Partial, Resumed, SpeechStart, Speculate, State, TurnTaker
 
 if TYPE_CHECKING:
     from avatarchat.pipeline.session import Session
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Speculation:
     utterance_id: int
-    started: float
     task: asyncio.Task[str] = field(repr=False)
     turn_started: bool = False
     starter: asyncio.Future[Turn] | None = field(default=None, repr=False)
@@ -48,14 +47,11 @@ class VoiceInput:
         self._partial: asyncio.Task[None] | None = None
         self._spec: _Speculation | None = None
         self._final: asyncio.Task[None] | None = None
-        self._fed_samples = 0
-        self.last_voiced_at: float | None = None  # perf_counter() of the newest voiced window
         self._asr_ms = 0
 
     async def feed(self, pcm: bytes) -> None:
         """Take one frame of 16 kHz mono signed 16-bit little-endian PCM."""
         samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-        self._fed_samples += len(samples)
         session = self._session
         # Echo guard: while the avatar talks, only longer speech counts as a barge-in.
         speaking = session.speaking
@@ -74,7 +70,7 @@ class VoiceInput:
             elif isinstance(event, Speculate):
                 await self._drop_speculation()
                 task = asyncio.create_task(self._timed_asr(event.audio))
-                self._spec = _Speculation(event.utterance_id, time.perf_counter(), task)
+                self._spec = _Speculation(event.utterance_id, task)
                 task.add_done_callback(lambda t, spec=self._spec: self._on_speculative_text(spec, t))
             elif isinstance(event, Resumed):
                 await self._drop_speculation()
@@ -91,7 +87,7 @@ class VoiceInput:
         if task.cancelled() or task.exception() is not None or self._spec is not spec:
             return
         text = task.result().strip()
-        if text and self.taker.state.value == "trailing":
+        if text and self.taker.state is State.TRAILING:
             spec.turn_started = True
             # Start the reply now; it stays held until the end of the turn.
             spec.starter = asyncio.ensure_future(self._session.user_text(text, held=True))
@@ -151,7 +147,7 @@ class VoiceInput:
             text = (await self._asr.transcribe(audio, PARTIAL)).strip()
         except ASRError:
             return  # a lost partial is harmless; the final one reports errors
-        if text and self.taker.utterance_id == utterance_id and self.taker.state.value in ("speaking", "trailing"):
+        if text and self.taker.utterance_id == utterance_id and self.taker.state in (State.SPEAKING, State.TRAILING):
             await self._session.send.event("transcript", final=False, text=text, utterance_id=utterance_id)
 
     async def close(self) -> None:

@@ -49,7 +49,9 @@ def shifted_reuse(old: Sequence[int], new: Sequence[int]) -> tuple[int, int] | N
             break  # later candidates can only keep less
         diff = np.flatnonzero(old_arr[b : b + span] != new_arr[a : a + span])
         run = int(diff[0]) if len(diff) else span
-        if run > best_len:
+        # Keep most of what followed the cut: a short run is a coincidence (the same question asked
+        # twice), not a trimmed history, and shifting it in would drop real context from the cache.
+        if run > best_len and run >= 0.5 * (n - int(b)):
             best, best_len = int(b), run
     return None if best is None else (a, best)
 
