@@ -77,7 +77,9 @@ async def test_pieces_are_spoken_in_order_with_continuous_media(upstream: OpenAI
     data = b"".join(p for _, p in rec.chunks)
     with av.open(io.BytesIO(data)) as c:
         n = sum(1 for _ in c.decode(video=0))
-    assert n * 40 == result.media_ms == sum(s["duration_ms"] for s in sentences)
+    assert n * 40 == result.media_ms
+    # The sentences tile the media; at most the AAC tail (one repeated frame or two) comes after them.
+    assert 0 <= result.media_ms - sum(s["duration_ms"] for s in sentences) <= 80
     assert history.messages()[-1] == {"role": "assistant", "content": upstream.behaviour.reply}
     assert set(result.timings) >= {"first_text", "first_audio", "first_video", "turn"}
 

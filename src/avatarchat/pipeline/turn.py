@@ -78,6 +78,7 @@ class Turn:
         self._t0 = t0 if t0 is not None else time.perf_counter()
         self._frame = first_frame
         self._first_frame = first_frame
+        self._tail_frames = 0
         self.reply = ""
         self._spoken: list[str] = []
         self.timings: dict[str, int] = {}
@@ -95,7 +96,9 @@ class Turn:
 
     @property
     def media_ms(self) -> int:
-        return self._timeline.ms if self._timeline else 0
+        if self._timeline is None:
+            return 0
+        return self._timeline.ms + round(self._tail_frames * 1000 / self._s.avatar.fps)
 
     def played_text(self, position_ms: float) -> str:
         """The part of the reply heard by ``position_ms`` of playback: whole pieces, then a share of words."""
@@ -224,7 +227,10 @@ class Turn:
             start_ms += round(piece.frames * 1000 / self._s.avatar.fps)
             index += 1
         if self._stream is not None:
-            tail = await self._work(self._stream.close)
+            stream = self._stream
+            tail = await self._work(stream.close)
+            # close() may repeat the last frame to cover the AAC tail: count it in the media duration.
+            self._tail_frames = stream.frames - (self._frame - self._first_frame)
             await self._emit(tail)
 
     # -- helpers --------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ class Fmp4Stream:
     def add_frame(self, rgb: np.ndarray) -> None:
         """Append one RGB frame (H, W, 3) uint8."""
         # OpenCV's SIMD RGB→I420 is several times faster than swscale's path inside PyAV.
+        self._last_rgb = rgb
         yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
         frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self._frames
@@ -116,20 +117,28 @@ class Fmp4Stream:
         for packet in self._video.encode(frame):
             self._container.mux(packet)
 
+    @property
+    def frames(self) -> int:
+        return self._frames
+
     def take(self) -> bytes:
         return self._sink.take()
 
     def close(self) -> bytes:
-        """Flush the encoders and return the last bytes. The audio tail is padded to a whole AAC frame."""
+        """Flush the encoders and return the last bytes. The audio tail is padded to a whole AAC frame
+        (up to 46 ms at 22.05 kHz), and the last video frame is repeated to cover it within half a frame."""
         if self._closed:
             return b""
-        self._closed = True
         size = self._audio.codec_context.frame_size or 1024
         if len(self._pending):
             tail = np.zeros(size, np.float32)
             tail[: len(self._pending)] = self._pending
             self._pending = np.zeros(0, np.float32)
             self._encode_audio(tail, size)
+        last = getattr(self, "_last_rgb", None)
+        while last is not None and (self._frames + 0.5) / self.fps < self._samples / self.audio_rate:
+            self.add_frame(last)
+        self._closed = True
         for packet in self._video.encode(None):
             self._container.mux(packet)
         self._mux_audio(self._audio.encode(None))
