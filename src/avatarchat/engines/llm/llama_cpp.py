@@ -26,6 +26,14 @@ def chatml(messages: list[dict[str, str]]) -> str:
     return "".join(parts) + "<|im_start|>assistant\n"
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def shifted_reuse(old: Sequence[int], new: Sequence[int]) -> tuple[int, int] | None:
     """Where ``new`` drops a block of ``old`` and goes on with what followed it: returns (a, b) with
     new[:a] == old[:a] and old[b:] matching new[a:] for at least ``_MIN_REUSE`` tokens, or None.
@@ -35,10 +43,7 @@ def shifted_reuse(old: Sequence[int], new: Sequence[int]) -> tuple[int, int] | N
     longer matches after the kept run is dropped by llama-cpp-python's own prefix check.
     """
     n = len(old)
-    limit = min(n, len(new))
-    a = 0
-    while a < limit and old[a] == new[a]:
-        a += 1
+    a = common_prefix(old, new)
     if a == 0 or a >= n or a >= len(new):
         return None
     old_arr, new_arr = np.asarray(old), np.asarray(new)
@@ -160,10 +165,7 @@ class LlamaCppEngine:
             llm = self._llm
             tokens = list(llm.tokenize(prefix.encode("utf-8"), add_bos=False, special=True))
             self._reuse_kv(tokens)
-            cached = llm.input_ids[: llm.n_tokens].tolist()
-            same = 0
-            while same < min(len(cached), len(tokens)) and cached[same] == tokens[same]:
-                same += 1
+            same = common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens)
             if same == len(tokens) or same == 0:
                 return
             if same < llm.n_tokens and not llm._ctx.kv_cache_seq_rm(0, same, -1):

@@ -83,6 +83,7 @@ class Fmp4Stream:
         self._samples = 0  # audio samples handed to the encoder
         self._pending = np.zeros(0, np.float32)  # audio not yet a whole AAC frame
         self._closed = False
+        self._last_rgb: np.ndarray | None = None  # repeated at close() to cover the AAC tail
 
     @property
     def video_seconds(self) -> float:
@@ -135,7 +136,7 @@ class Fmp4Stream:
             tail[: len(self._pending)] = self._pending
             self._pending = np.zeros(0, np.float32)
             self._encode_audio(tail, size)
-        last = getattr(self, "_last_rgb", None)
+        last = self._last_rgb
         while last is not None and (self._frames + 0.5) / self.fps < self._samples / self.audio_rate:
             self.add_frame(last)
         self._closed = True
