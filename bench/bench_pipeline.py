@@ -44,7 +44,9 @@ async def recv_until(ws, kind: str, on_media=None, timeout: float = 120):
 
 
 async def turns(base: str, n: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"first_text": [], "first_audio": [], "first_video": [], "turn_total": []}
+    out: dict[str, list[float]] = {
+        "first_text": [], "first_piece": [], "first_audio": [], "first_video": [], "turn_total": []
+    }
     async with connect(f"ws://{base}/ws", max_size=None) as ws:
         await recv_until(ws, "session")
         for i in range(n):
@@ -67,6 +69,7 @@ async def turns(base: str, n: int) -> dict[str, list[float]]:
                 raise RuntimeError(f"turn {i} produced no text or video: {e}")
             out["first_text"].append((first_text - t0) * 1000)
             out["first_video"].append((first_video - t0) * 1000)
+            out["first_piece"].append(float(e["timings"]["first_piece"]))  # server timings
             out["first_audio"].append(float(e["timings"]["first_audio"]))
             out["turn_total"].append((now - t0) * 1000)
             await asyncio.sleep(0.2)
@@ -137,16 +140,22 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--turns", type=int, default=24)
     ap.add_argument("--stops", type=int, default=20)
+    ap.add_argument("--turns-only", action="store_true", help="skip the stop, loop-lag and memory parts")
     args = ap.parse_args()
     print(f"machine: {machine()}")
     with server() as (base, proc):
         await turns(base, 2)  # warm-up: first-use allocations, prompt cache
+        if args.turns_only:
+            t = await turns(base, args.turns)
+            for k in t:
+                print(f"  {k:12} {summary(t[k])}")
+            return
         mem = await memory(base, proc.pid, 4)
         t = await turns(base, args.turns)
         stops = await stop_latency(base, args.stops)
         lag = await loop_lag(base, 4)
     print(f"\nturn latency from the user's message, {args.turns} turns:")
-    for k in ("first_text", "first_audio", "first_video", "turn_total"):
+    for k in ("first_text", "first_piece", "first_audio", "first_video", "turn_total"):
         print(f"  {k:12} {summary(t[k])}")
     print(f"stop → turn_done:            {summary(stops)}")
     print(f"ping RTT during turns:       {summary(lag)}")

@@ -63,3 +63,28 @@ def test_mime_comes_from_the_sps() -> None:
 def test_rejects_non_aac_rate() -> None:
     with pytest.raises(ValueError, match="AAC"):
         Fmp4Stream(128, 128, 25, 12345)
+
+
+def test_started_stream_has_its_init_segment_and_codec_string_before_any_frame() -> None:
+    s = Fmp4Stream(256, 256, 25, 22050)
+    s.start()
+    assert s.mime.startswith('video/mp4; codecs="avc1.')
+    init = s.take()
+    assert init[4:8] == b"ftyp" and b"moov" in init and b"moof" not in init
+    s.start()  # idempotent
+    s.add_audio(np.full(10 * 882, 0.1, np.float32))
+    for _ in range(10):
+        s.add_frame(np.full((256, 256, 3), 90, np.uint8))
+    times, _, audio_s = decode(init + s.take() + s.close())
+    assert len(times) == 10 and abs(audio_s - 0.4) <= 0.05
+
+
+def test_piece_audio_is_sliced_at_frame_boundaries_with_a_lead() -> None:
+    from avatarchat.pipeline.media import Piece
+
+    piece = Piece("hi", np.zeros(10 * 882, np.float32), np.zeros((10, 3), np.float32))
+    assert piece.audio_until(0) == 0
+    assert piece.audio_until(2) == 2 * 882
+    assert piece.audio_until(2, lead=100) == 2 * 882 + 100
+    assert piece.audio_until(9, lead=5000) == 10 * 882  # never past the piece
+    assert piece.audio_until(10) == piece.audio_until(12) == 10 * 882

@@ -79,3 +79,25 @@ def test_first_piece_minimum_words() -> None:
     ]
     assert split_text("你好，我是你的数字人助手。今天天气很好！", first_min_words=3)[0] == "你好，我是你的数字人助手。"
     assert split_text("Hi!", first_min_words=3) == ["Hi!"]  # a short reply is still spoken, at the end
+
+
+def test_second_piece_is_also_cut_early_with_a_doubled_word_limit() -> None:
+    text = "The moon is a rock, and it circles the earth once a month while it slowly turns around its own axis too."
+    words = text.split()
+    tokens = [w + " " for w in words]  # streamed word by word, as an LLM does
+    pieces = stream(tokens, first_max_words=4, first_min_words=3, eager_pieces=2)
+    assert pieces[0] == "The moon is a rock,"
+    # Piece 2 has no clause boundary: it is cut at 2 × 4 words; the rest is one ordinary piece.
+    assert pieces[1] == " ".join(words[5:13])
+    assert pieces[2] == " ".join(words[13:])
+    # With one eager piece the long second sentence stays whole.
+    assert stream(tokens, first_max_words=4, first_min_words=3)[1] == " ".join(words[5:])
+
+
+def test_second_piece_cut_at_its_first_clause() -> None:
+    text = "Sure thing, the moon is bright tonight, and the stars are out, so look up."
+    assert split_text(text, first_max_words=6, first_min_words=1, eager_pieces=2) == [
+        "Sure thing,",
+        "the moon is bright tonight,",
+        "and the stars are out, so look up.",
+    ]

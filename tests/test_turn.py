@@ -68,8 +68,9 @@ async def test_pieces_are_spoken_in_order_with_continuous_media(upstream: OpenAI
     await llm.close()
     assert result.reason == "complete" and result.text == upstream.behaviour.reply
     sentences = rec.of("sentence")
+    p = settings.pipeline
     assert [s["text"] for s in sentences] == split_text(
-        upstream.behaviour.reply, first_min_words=settings.pipeline.first_piece_min_words
+        upstream.behaviour.reply, p.first_piece_max_words, p.first_piece_min_words, p.eager_pieces
     )
     assert [s["index"] for s in sentences] == list(range(len(sentences)))
     # The first text delta goes out before any media, and media_start precedes the first binary frame.

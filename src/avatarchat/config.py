@@ -157,6 +157,9 @@ class PipelineConfig(BaseModel):
     first_piece_min_words: int = Field(
         3, ge=1, description="…but not before this many: a very short first piece ends before the next is ready."
     )
+    eager_pieces: int = Field(
+        2, ge=1, le=4, description="Pieces cut early like the first, the word limit doubling each time (piece 2 must be ready before piece 1 ends)."
+    )
     piece_max_chars: int = Field(300, ge=20, description="Force a cut in run-on text without punctuation.")
     queue_size: int = Field(4, ge=1, description="Bound of each queue between stages.")
     render_batch_frames: int = Field(5, ge=1, description="Frames rendered and encoded per worker call.")

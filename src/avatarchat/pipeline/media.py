@@ -39,6 +39,12 @@ class Piece:
     def frames(self) -> int:
         return len(self.mouth)
 
+    def audio_until(self, frame: int, lead: int = 0) -> int:
+        """The sample index where frame ``frame`` starts, plus ``lead`` samples, within the piece."""
+        if frame >= self.frames:
+            return len(self.audio)
+        return min(len(self.audio), round(frame * len(self.audio) / self.frames) + lead)
+
 
 class Timeline:
     """Keeps audio and video of one stream the same length, piece after piece."""

@@ -4,6 +4,8 @@ Sentence ends (seed 002): 。！？.!?；; and newline. The first piece of a rep
 first clause boundary (，,、:：) or after about ``first_max_words`` words, so speech starts sooner;
 but not before ``first_min_words`` words: a two-word first piece ("The moon.") plays out before the
 next one is synthesized, and the avatar would stall.
+The first ``eager_pieces`` pieces are cut that way, the word limit doubling each time: piece 2 must
+be ready before the short piece 1 has played, so it may not be a 30-word sentence either.
 A "." between digits or inside an abbreviation-like token (e.g. "3.5", "e.g.") is not an end.
 """
 
@@ -32,9 +34,12 @@ def _long_enough(clause: str) -> bool:
 
 
 class Segmenter:
-    def __init__(self, first_max_words: int = 8, max_chars: int = 300, first_min_words: int = 1) -> None:
+    def __init__(
+        self, first_max_words: int = 8, max_chars: int = 300, first_min_words: int = 1, eager_pieces: int = 1
+    ) -> None:
         self._first_max_words = first_max_words
         self._first_min_words = min(first_min_words, first_max_words)
+        self._eager_pieces = eager_pieces
         self._max_chars = max_chars
         self._buf = ""
         self._emitted = 0
@@ -58,9 +63,10 @@ class Segmenter:
 
     def _find_cut(self) -> int | None:
         buf = self._buf
+        eager = self._emitted < self._eager_pieces
         first = self._emitted == 0
         for i, ch in enumerate(buf):
-            if ch in SENTENCE_ENDS or (first and ch in CLAUSE_BOUNDS):
+            if ch in SENTENCE_ENDS or (eager and ch in CLAUSE_BOUNDS):
                 if i + 1 >= len(buf):
                     return None  # need the next char to tell "3." from "3.5" or to take a closing quote
                 if ch == "." and self._is_inner_dot(buf, i):
@@ -75,9 +81,10 @@ class Segmenter:
                 if end >= len(buf) and buf[end - 1] in _TRAILERS:
                     return None
                 return end
-        if first and count_words(buf) > self._first_max_words:
+        max_words = self._first_max_words << self._emitted
+        if eager and count_words(buf) > max_words:
             space = buf.rstrip().rfind(" ")
-            if space > 0 and count_words(buf[:space]) >= self._first_max_words:
+            if space > 0 and count_words(buf[:space]) >= max_words:
                 return space + 1
             if _CJK.search(buf[-1]):
                 return len(buf)
@@ -97,7 +104,7 @@ class Segmenter:
         return word in _ABBREVIATIONS
 
 
-def split_text(text: str, first_max_words: int = 8, first_min_words: int = 1) -> list[str]:
+def split_text(text: str, first_max_words: int = 8, first_min_words: int = 1, eager_pieces: int = 1) -> list[str]:
     """Segment a whole text at once (used by ``say``)."""
-    seg = Segmenter(first_max_words=first_max_words, first_min_words=first_min_words)
+    seg = Segmenter(first_max_words=first_max_words, first_min_words=first_min_words, eager_pieces=eager_pieces)
     return [*seg.push(text), *seg.flush()]

@@ -27,6 +27,10 @@ from avatarchat.pipeline.segmenter import Segmenter
 log = logging.getLogger(__name__)
 
 _FIRST_BATCH = 2  # frames: the first fragment leaves as soon as possible
+# Audio is encoded batch by batch, this many samples ahead of the video: the first fragment does not
+# pay for a whole piece's AAC, and even after the encoder's one-frame delay every fragment carries
+# more audio than video, so MediaSource's buffered range is set by the video.
+_AUDIO_LEAD = 3072
 
 
 class Sender(Protocol):
@@ -83,6 +87,7 @@ class Turn:
         self._spoken: list[str] = []
         self.timings: dict[str, int] = {}
         self._stream: Fmp4Stream | None = None
+        self._opening: Future[Fmp4Stream] | None = None  # the stream, prepared while the LLM and TTS work
         self._inflight: Future[bytes] | None = None
         self._timeline: Timeline | None = None
         self.sentences: list[tuple[int, int, str]] = []  # (start ms, duration ms, text) of each spoken piece
@@ -148,7 +153,7 @@ class Turn:
 
     async def _llm_stage(self, messages: list[dict[str, str]], out: asyncio.Queue[str | None]) -> None:
         p = self._s.pipeline
-        seg = Segmenter(p.first_piece_max_words, p.piece_max_chars, p.first_piece_min_words)
+        seg = Segmenter(p.first_piece_max_words, p.piece_max_chars, p.first_piece_min_words, p.eager_pieces)
         try:
             async for delta in self._llm.stream(
                 messages, max_tokens=self._s.llm.max_tokens, temperature=self._s.llm.temperature
@@ -197,8 +202,9 @@ class Turn:
         batch = self._s.pipeline.render_batch_frames
         index = 0
         start_ms = 0
+        self._opening = self._workers.submit(self._open_stream)
         while (piece := await inp.get()) is not None:
-            stream = self._stream or self._open_stream()
+            stream = self._stream or await self._take_opened_stream()
             await self._send.event(
                 "sentence",
                 turn_id=self.turn_id,
@@ -209,13 +215,16 @@ class Turn:
             )
             self.sentences.append((start_ms, round(piece.frames * 1000 / self._s.avatar.fps), piece.text))
             pos = 0
+            fed = 0  # samples of this piece's audio given to the encoder
             while pos < piece.frames:
                 await self._pace()
                 n = _FIRST_BATCH if "first_video" not in self.timings else batch
                 rows = piece.mouth[pos : pos + n]
+                until = piece.audio_until(pos + len(rows), _AUDIO_LEAD)
+                audio, fed = piece.audio[fed:until], max(fed, until)
                 started = time.perf_counter()
                 data = await self._work(
-                    render_batch, stream, self._renderer, rows, self._frame, piece.audio if pos == 0 else None
+                    render_batch, stream, self._renderer, rows, self._frame, audio if len(audio) else None
                 )
                 elapsed = time.perf_counter() - started
                 metrics.FRAMES.inc(len(rows))
@@ -243,18 +252,25 @@ class Turn:
         return rate if rate in (16000, 22050, 24000, 32000, 44100, 48000) else 48000
 
     def _open_stream(self) -> Fmp4Stream:
+        """Runs in a worker: create the turn's stream and open its encoders."""
         width, height = self._renderer.size
-        assert self._timeline is not None
-        self._stream = Fmp4Stream(
+        stream = Fmp4Stream(
             width,
             height,
             self._s.avatar.fps,
-            self._timeline.audio_rate,
+            self._audio_rate(),
             crf=self._s.video.crf,
             preset=self._s.video.preset,
             threads=self._s.video.threads,
             audio_bitrate=self._s.video.audio_bitrate,
         )
+        stream.start()
+        return stream
+
+    async def _take_opened_stream(self) -> Fmp4Stream:
+        assert self._opening is not None
+        self._stream = await asyncio.wrap_future(self._opening)
+        self._opening = None
         return self._stream
 
     async def _work(self, fn: object, *args: object) -> bytes:
@@ -295,6 +311,9 @@ class Turn:
             self._llm.release()  # type: ignore[attr-defined]
 
     def _release_stream(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None:  # prepared but never used: the turn ended before its first piece
+            opening.add_done_callback(_abort_opened)
         stream, self._stream = self._stream, None
         if stream is None:
             return
@@ -310,3 +329,8 @@ class Turn:
             elapsed = time.perf_counter() - self._t0
             self.timings[name] = round(elapsed * 1000)
             metrics.STAGE_SECONDS.labels(name).observe(elapsed)
+
+
+def _abort_opened(future: Future[Fmp4Stream]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().abort()

@@ -85,6 +85,11 @@ class Fmp4Stream:
         self._closed = False
         self._last_rgb: np.ndarray | None = None  # repeated at close() to cover the AAC tail
 
+    def start(self) -> None:
+        """Open the encoders and write the init segment now rather than at the first frame, so a stream
+        prepared ahead of time costs the first fragment nothing."""
+        self._container.start_encoding()
+
     @property
     def video_seconds(self) -> float:
         return self._frames / self.fps
