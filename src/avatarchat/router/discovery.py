@@ -86,12 +86,16 @@ def read_snapshot(cache: str | Path) -> list[Discovered] | None:
         return None
     if header.get("v") != SNAPSHOT_VERSION or header.get("size") != stamp["size"] or header.get("mtime_ns") != stamp["mtime_ns"]:
         return None
-    # One parse of a JSON array is ~3x faster than a parse per line.
+    # Parsed as JSON arrays of 1,000 lines: ~3x faster than a parse per line, and each C call is short
+    # enough (a few ms) that a reader thread never holds the GIL long enough to stall the event loop.
+    lines = body.rstrip(b"\n").split(b"\n") if body.strip() else []
+    out: list[Discovered] = []
     try:
-        rows = json.loads(b"[" + body.rstrip(b"\n").replace(b"\n", b",") + b"]")
+        for i in range(0, len(lines), 1000):
+            out += [tuple(r) for r in json.loads(b"[" + b",".join(lines[i : i + 1000]) + b"]")]  # type: ignore[misc]
     except ValueError:
         return None
-    return [tuple(r) for r in rows]  # type: ignore[misc]
+    return out
 
 
 def build_snapshot(cache: str | Path) -> int:
