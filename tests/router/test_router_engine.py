@@ -169,7 +169,9 @@ async def test_discovery_fetches_models_when_no_cache(tmp_path: Path, ups: list[
 
 @pytest.mark.models
 async def test_embedded_llama_is_the_local_channel(tmp_path: Path, ups: list[OpenAITestServer]) -> None:
-    path = write(tmp_path / "r.yaml", local_config(ups))
+    cfg = local_config(ups)
+    cfg["retry"].update(ttft_timeout_s=60, stall_timeout_s=60)  # a CPU model on a shared machine
+    path = write(tmp_path / "r.yaml", cfg)
     engine = RouterEngine(load_settings(llm={"engine": "router", "router": {"config": str(path), "model": "tag:local"}}))
     await engine.start()
     try:

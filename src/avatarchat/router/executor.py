@@ -188,9 +188,15 @@ async def relay(c: Committed, stall_timeout_s: float) -> AsyncIterator[bytes]:
             finished = finished or _finished(p)
             yield sse.frame(p)
         it = aiter(c.gen)
+        # HTTP upstreams enforce the stall timeout as httpx's read timeout (no timer per chunk here);
+        # the in-process engine has no socket, so it gets an explicit one.
+        timed = c.candidate.target.local
         while True:
             try:
-                async with asyncio.timeout(stall_timeout_s):
+                if timed:
+                    async with asyncio.timeout(stall_timeout_s):
+                        payload = await anext(it)
+                else:
                     payload = await anext(it)
             except StopAsyncIteration:
                 if finished:
@@ -219,7 +225,12 @@ async def relay(c: Committed, stall_timeout_s: float) -> AsyncIterator[bytes]:
             yield sse.frame(payload)
     except UpstreamError as e:
         failure = e.message
-        yield sse.error_frame(f"upstream failed mid-stream: {e.message} (channel {c.candidate.entry.channel})", code="stream_interrupted")
+        if e.kind == "timeout":
+            failure = f"upstream stalled for {stall_timeout_s:g} s"
+            yield sse.error_frame(f"{failure} (channel {c.candidate.entry.channel})", code="stream_stalled")
+        else:
+            yield sse.error_frame(f"upstream failed mid-stream: {e.message} (channel {c.candidate.entry.channel})",
+                                  code="stream_interrupted")
         yield sse.DONE_FRAME
     finally:
         await c.gen.aclose()
