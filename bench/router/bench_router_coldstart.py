@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,6 +64,8 @@ def one_run(cfg: Path, model: str) -> tuple[float, dict]:
     try:
         first_response(url, model)
         elapsed = (time.perf_counter() - t0) * 1000
+        ct = psutil.Process(proc.pid).cpu_times()
+        cpu_ms = (ct.user + ct.system) * 1000  # the router's own CPU up to its first answer
         deadline = time.monotonic() + 10
         while not (st := _rb.admin_stats(url))["index_complete"] and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -71,6 +74,7 @@ def one_run(cfg: Path, model: str) -> tuple[float, dict]:
     finally:
         proc.terminate()
         proc.wait(10)
+    st["cpu_to_first_ms"] = cpu_ms
     return elapsed, st
 
 
@@ -93,10 +97,11 @@ def main() -> int:
         print(f"first start (snapshot rebuilt, {snap.stat().st_size / 1e6:.2f} MB): {first_ms:.0f} ms; "
               f"index {first_st['entries']} entries in {first_st['index_seconds']} s; max loop lag {first_st['max_loop_lag_ms']} ms "
               f"(loop CPU {first_st['max_loop_cpu_ms']} ms)")
-        cold, lags, cpus, index_s, loads = [], [], [], [], []
+        cold, lags, cpus, index_s, loads, cpu_first = [], [], [], [], [], []
         for _ in range(args.runs):
             ms, st = one_run(cfg, target)
             cold.append(ms)
+            cpu_first.append(st["cpu_to_first_ms"])
             lags.append(st["max_loop_lag_ms"])
             cpus.append(st["max_loop_cpu_ms"])
             index_s.append(st["index_seconds"] * 1000)
@@ -107,15 +112,17 @@ def main() -> int:
             subprocess.run([sys.executable, "-c", BASELINE, str(cfg), str(_rb.ROOT / "src")], check=True, capture_output=True)
             base.append((time.perf_counter() - t0) * 1000)
     print(f"cold start → first routed response : {summary(cold)}")
+    print(f"  router CPU time to that response  : {summary(cpu_first)}   (load-independent)")
     print(f"  index complete after start-up     : {summary(index_s)}")
     print(f"  max event-loop lag, wall (probe)  : {summary(lags)}")
     print(f"  max loop-thread CPU between ticks : {summary(cpus)}   (our own blocking; wall lag includes other processes)")
     print(f"  1-min load average during runs    : {min(loads):.1f}-{max(loads):.1f} on 2 cores")
     print(f"baseline: json.load 50 MB + full index, before serving: {summary(base)}")
     ratio = stats(base)["p50"] / stats(cold)["p50"]
+    # The baseline cannot serve anything before its index is built; the router answers from the snapshot.
     print(f"ratio baseline/router (p50): {ratio:.1f}x   target ≤ 1000 ms: {'PASS' if stats(cold)['p50'] <= 1000 else 'FAIL'}")
     dump("router_coldstart", {"models": len(ids), "cache_mb": size_mb, "first_start_ms": first_ms,
-                               "cold_start_ms": stats(cold), "index_ms": stats(index_s), "loop_lag_ms": stats(lags), "loop_cpu_ms": stats(cpus), "load_avg": [min(loads), max(loads)],
+                               "cold_start_ms": stats(cold), "cpu_to_first_ms": stats(cpu_first), "index_ms": stats(index_s), "loop_lag_ms": stats(lags), "loop_cpu_ms": stats(cpus), "load_avg": [min(loads), max(loads)],
                                "baseline_ms": stats(base), "ratio": ratio})
     return 0
 
