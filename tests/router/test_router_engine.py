@@ -137,6 +137,7 @@ async def test_cold_start_from_cache_builds_snapshot_and_index(tmp_path: Path, u
         _, _, _, cands = await router.plan("vendor7/model-7-8b", None)
         assert cands[0].entry.channel == "wild"
         assert discovery.snapshot_path(cache).is_file()  # the stale/missing snapshot was rebuilt
+        await router.state.index.complete.wait()
         assert len(router.state.index.entries) == 3000 + 6
         free = router.explain("tag:disc,free")
         assert free["candidate_count"] == 1000
@@ -180,3 +181,22 @@ async def test_embedded_llama_is_the_local_channel(tmp_path: Path, ups: list[Ope
         assert not any(u.requests for u in ups)
     finally:
         await engine.close()
+
+
+async def test_exact_model_is_served_before_the_index_is_complete(tmp_path: Path, ups: list[OpenAITestServer]) -> None:
+    cache = tmp_path / "models.json"
+    make_cache(cache, 2000)
+    discovery.build_snapshot(cache)
+    cfg = base_config(ups, discovery_cache="models.json")
+    cfg["channels"].append({"name": "wild", "provider": "a", "models": ["*"]})
+    path = write(tmp_path / "r.yaml", cfg)
+    router = Router(load_config(path), path)
+    await router.start()
+    try:
+        _, _, _, cands = await router.plan("vendor39/model-1999-2b", None)  # the last model of the cache
+        assert [c.entry.channel for c in cands] == ["wild"]
+        assert not router.state.index.complete.is_set()  # found by scanning the snapshot, not the index
+        with pytest.raises(Exception, match="no channel serves"):
+            await router.plan("vendor9/not-there", None)
+    finally:
+        await router.close()
