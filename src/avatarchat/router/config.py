@@ -103,6 +103,8 @@ class RouterConfig(_Strict):
     discovery_max_age_s: float = Field(86400.0, ge=0, description="Refresh discovered models older than this; 0: never.")
     ewma_alpha: float = Field(0.3, gt=0, le=1)
     loop_lag_probe: bool = Field(False, description="Measure event-loop lag (shown in /admin/stats).")
+    upstream_transport: Literal["httptools", "httpcore"] = Field(
+        "httptools", description="Wire layer under the httpx client: httptools (lean, the default) or httpx's own httpcore.")
     retry: RetryConfig = RetryConfig()
     cooldown: CooldownConfig = CooldownConfig()
     health: HealthConfig = HealthConfig()

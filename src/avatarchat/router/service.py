@@ -58,7 +58,7 @@ class Router:
     def __init__(self, config: RouterConfig, path: str | Path | None = None, local_engine: Any = None) -> None:
         self.path = Path(path) if path else None
         self.local = LocalUpstream(local_engine) if local_engine is not None else None
-        self.http = HttpUpstream(config.retry)
+        self.http = HttpUpstream(config.retry, config.upstream_transport)
         self.health: dict[str, ChannelHealth] = {}
         self.discovered: list[Discovered] = []
         self.state = self._new_state(config, 1)
