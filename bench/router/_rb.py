@@ -46,7 +46,7 @@ def model_object(rng: random.Random, i: int) -> dict[str, Any]:
                                  "seed", "logit_bias", "response_format", "tools", "tool_choice"],
         "endpoints": [{"provider_name": f"host{k}", "status": 0, "uptime_last_30m": rng.random(), "latency_ms": rng.random() * 900,
                        "quantization": rng.choice(["fp8", "bf16", "int4"]), "region": rng.choice(["us", "eu", "ap"]),
-                       "notes": words[:200]} for k in range(6)],
+                       "notes": words[:330]} for k in range(6)],
     }
 
 

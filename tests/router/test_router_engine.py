@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -198,5 +199,30 @@ async def test_exact_model_is_served_before_the_index_is_complete(tmp_path: Path
         assert not router.state.index.complete.is_set()  # found by scanning the snapshot, not the index
         with pytest.raises(Exception, match="no channel serves"):
             await router.plan("vendor9/not-there", None)
+    finally:
+        await router.close()
+
+
+async def test_old_discovery_cache_is_refreshed(tmp_path: Path, ups: list[OpenAITestServer]) -> None:
+    import os
+
+    cache = tmp_path / "models.json"
+    discovery.write_cache(cache, {"a": [{"id": "old/model-7b"}]})
+    old = time.time() - 7200
+    os.utime(cache, (old, old))
+    discovery.build_snapshot(cache)  # a current snapshot of an old cache
+    ups[0].behaviour.models = ["new/model-8b"]
+    cfg = base_config(ups, discovery_cache="models.json", discovery_max_age_s=3600)
+    cfg["providers"]["a"]["discovery"] = True
+    cfg["channels"].append({"name": "wild", "provider": "a", "models": ["*"]})
+    path = write(tmp_path / "r.yaml", cfg)
+    router = Router(load_config(path), path)
+    await router.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not router.state.index.models("new/model-8b") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert router.state.index.models("new/model-8b") and not router.state.index.models("old/model-7b")
+        assert router.state.generation == 2 and discovery.read_snapshot(cache) == [("a", "new/model-8b", None, None, None)]
     finally:
         await router.close()

@@ -175,15 +175,43 @@ class Router:
                 models = await asyncio.to_thread(discovery.read_snapshot, cache)
             except RuntimeError as e:
                 log.error("cannot read the discovery cache", extra={"error": str(e)})
+        fetched = models is None
         if models is None:
-            models = await self._fetch(cfg, Path(cache))
+            models = await self._fetch(cfg, Path(cache), partial_ok=True)
         self.discovered = models
         await self._fill(state, models)
         self.index_seconds = round(time.perf_counter() - t0, 4)
         log.info("router index complete", extra={"entries": len(state.index.entries), "seconds": self.index_seconds})
+        if not fetched:
+            await self._refresh_if_old(state)
 
-    async def _fetch(self, cfg: RouterConfig, cache: Path) -> list[Discovered]:
-        """GET /models from each discovery provider (in parallel) and write the cache and snapshot."""
+    async def _refresh_if_old(self, state: State) -> None:
+        """Re-fetch GET /models when the cache is older than discovery_max_age_s; the new index is built
+        to the side and swapped in, like a reload."""
+        cfg = state.config
+        if not cfg.discovery_max_age_s or not cfg.discovery_cache or not any(p.discovery for p in cfg.providers.values()):
+            return
+        try:
+            age = time.time() - Path(cfg.discovery_cache).stat().st_mtime
+        except OSError:
+            age = float("inf")
+        if age < cfg.discovery_max_age_s:
+            return
+        models = await self._fetch(cfg, Path(cfg.discovery_cache), partial_ok=False)
+        if not models:
+            return
+        async with self._reload_lock:
+            if self.state is not state:
+                return  # reloaded meanwhile; that state has its own discovery
+            new = self._new_state(cfg, state.generation + 1)
+            self.discovered = models
+            await self._fill(new, models)
+            self.state = new
+        log.info("discovery refreshed", extra={"models": len(models), "generation": new.generation})
+
+    async def _fetch(self, cfg: RouterConfig, cache: Path, partial_ok: bool) -> list[Discovered]:
+        """GET /models from each discovery provider (in parallel) and write the cache and snapshot. A refresh
+        (``partial_ok`` false) keeps the old cache unless every provider answered."""
         names = [n for n, p in cfg.providers.items() if p.discovery and p.base_url]
 
         async def one(name: str) -> tuple[str, list[dict[str, Any]]]:
@@ -201,15 +229,17 @@ class Router:
                 return name, []
 
         found = dict(await asyncio.gather(*(one(n) for n in names)))
-        if not any(found.values()):
+        if not any(found.values()) or (not partial_ok and not all(found.values())):
             return []
         await asyncio.to_thread(discovery.write_cache, cache, found)
         return await asyncio.to_thread(discovery.read_snapshot, cache) or []
 
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.state.config.health.interval_s)
-            await self.check_health()
+            interval = self.state.config.health.interval_s  # re-read: a reload may change it
+            await asyncio.sleep(interval if interval > 0 else 60.0)
+            if self.state.config.health.interval_s > 0:
+                await self.check_health()
 
     async def check_health(self) -> None:
         """Probe each HTTP channel's GET /models; a pass clears a cooldown or an auth failure early."""
