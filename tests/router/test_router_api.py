@@ -206,5 +206,5 @@ def test_cli_rejects_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
     (tmp_path / "bad.yaml").write_text("providers: {}\nchannels: []\n")
     assert main(["--config", str(tmp_path / "bad.yaml"), "router"]) == 2
-    assert "channels: List should have at least 1 item" in capsys.readouterr().err
+    assert "channels: must have at least 1 item" in capsys.readouterr().err
     assert main(["router"]) == 2

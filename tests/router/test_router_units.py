@@ -59,7 +59,7 @@ def test_model_tags_and_quality() -> None:
     (lambda c: c["providers"]["p"].pop("base_url"), "needs base_url"),
     (lambda c: c["providers"]["p"].update(base_url="ftp://x"), "must start with http"),
     (lambda c: c.update(aliases={"a": "b", "b": "gpt-4o"}), "aliases.a: points to another alias"),
-    (lambda c: c.update(unknown_key=1), "unknown_key: Extra inputs are not permitted"),
+    (lambda c: c.update(unknown_key=1), "unknown_key: unknown key"),
 ])
 def test_config_errors_are_precise(mutate, msg: str) -> None:
     cfg = json.loads(json.dumps(CFG))
@@ -228,3 +228,23 @@ def test_snapshot_round_trip_and_staleness(tmp_path: Path) -> None:
     assert discovery.build_snapshot(cache) == 2 and discovery.read_snapshot(cache) == models
     assert discovery.main(["snapshot", str(tmp_path / "none.json")]) == 1
     assert discovery.main([]) == 2
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda c: c["channels"][0].update(priority="high"), "channels.0.priority: must be an integer, got 'high'"),
+    (lambda c: c["channels"][0].update(enabled="yes"), "channels.0.enabled: must be true or false"),
+    (lambda c: c["channels"][0].update(tags="x"), "channels.0.tags: must be a list"),
+    (lambda c: c["channels"][0].pop("provider"), "channels.0.provider: required"),
+    (lambda c: c["providers"]["p"].update(headers={"a": 1}), "providers.p.headers.a: must be a string"),
+    (lambda c: c.update(retry={"ttft_timeout_s": 0}), "retry.ttft_timeout_s: must be > 0"),
+    (lambda c: c.update(retry={"jitter": 2}), "retry.jitter: must be <= 1"),
+    (lambda c: c.update(retry=[1]), "retry: must be a mapping"),
+    (lambda c: c["channels"][0].update(quality=True), "channels.0.quality: must be a number"),
+    (lambda c: c.update(discovery_cache=5), "discovery_cache: must be a string"),
+])
+def test_config_type_errors_name_the_key(mutate, msg: str) -> None:
+    cfg = json.loads(json.dumps(CFG))
+    mutate(cfg)
+    with pytest.raises(RouterConfigError, match="^r.yaml: ") as e:
+        parse_config(cfg, "r.yaml")
+    assert msg in str(e.value), str(e.value)
