@@ -58,7 +58,7 @@ class Committed:
     """A stream that has delivered its first token: relay() sends it to the caller."""
 
     candidate: Candidate
-    gen: AsyncIterator[bytes]
+    gen: AsyncIterator[list[bytes]]
     buffered: list[bytes]
     started: float
     ttft_s: float
@@ -145,15 +145,22 @@ async def _open(cand: Candidate, body: dict[str, Any], cfg: RetryConfig, t0: flo
     buffered: list[bytes] = []
     try:
         async with asyncio.timeout(cfg.ttft_timeout_s):
-            async for payload in gen:
-                if payload == sse.DONE:
+            committed = False
+            async for batch in gen:
+                for i, payload in enumerate(batch):
+                    if payload == sse.DONE:
+                        buffered.append(payload)
+                        committed = True
+                        break
+                    msg = sse.error_in(payload)
+                    if msg is not None:
+                        raise UpstreamError(f"error frame before the first token: {msg}", kind="protocol")
                     buffered.append(payload)
-                    break
-                msg = sse.error_in(payload)
-                if msg is not None:
-                    raise UpstreamError(f"error frame before the first token: {msg}", kind="protocol")
-                buffered.append(payload)
-                if sse.has_output(payload):
+                    if sse.has_output(payload):
+                        buffered += batch[i + 1 :]  # the same channel's: relay() checks them
+                        committed = True
+                        break
+                if committed:
                     break
             else:
                 raise UpstreamError("stream ended before the first token", kind="dropped")
@@ -176,17 +183,36 @@ def _finished(payload: bytes) -> bool:
 
 async def relay(c: Committed, stall_timeout_s: float) -> AsyncIterator[bytes]:
     """SSE bytes for the caller: the committed channel's frames, ending in ``data: [DONE]``; a failure after
-    the first token ends the stream with an error frame (never another channel's text)."""
+    the first token ends the stream with an error frame (never another channel's text). Frames that
+    arrived together are sent together."""
     h = c.candidate.health
+    ch = c.candidate.entry.channel
     ok, finished, failure = False, False, None
-    try:
-        for p in c.buffered:
+    out: list[bytes] = []
+
+    def take(batch: list[bytes]) -> bool:
+        """Frames for ``batch`` into ``out``; True when the stream is over."""
+        nonlocal ok, finished, failure
+        for p in batch:
             if p == sse.DONE:
                 ok = True
-                yield sse.DONE_FRAME
-                return
-            finished = finished or _finished(p)
-            yield sse.frame(p)
+                out.append(sse.DONE_FRAME)
+                return True
+            if b'"error"' in p and (msg := sse.error_in(p)) is not None:
+                failure = f"upstream error mid-stream: {msg}"
+                out.extend([sse.error_frame(f"{failure} (channel {ch})", code="stream_interrupted"), sse.DONE_FRAME])
+                return True
+            if not finished:
+                finished = _finished(p)
+            out.append(sse.frame(p))
+        return False
+
+    try:
+        over = take(c.buffered)
+        yield b"".join(out)
+        out.clear()
+        if over:
+            return
         it = aiter(c.gen)
         # HTTP upstreams enforce the stall timeout as httpx's read timeout (no timer per chunk here);
         # the in-process engine has no socket, so it gets an explicit one.
@@ -195,43 +221,34 @@ async def relay(c: Committed, stall_timeout_s: float) -> AsyncIterator[bytes]:
             try:
                 if timed:
                     async with asyncio.timeout(stall_timeout_s):
-                        payload = await anext(it)
+                        batch = await anext(it)
                 else:
-                    payload = await anext(it)
+                    batch = await anext(it)
             except StopAsyncIteration:
                 if finished:
                     ok = True
                 else:
                     failure = "upstream stream ended before the answer was complete"
-                    yield sse.error_frame(f"{failure} (channel {c.candidate.entry.channel})", code="stream_interrupted")
+                    yield sse.error_frame(f"{failure} (channel {ch})", code="stream_interrupted")
                 yield sse.DONE_FRAME
                 return
             except TimeoutError:
                 failure = f"upstream stalled for {stall_timeout_s:g} s"
-                yield sse.error_frame(f"{failure} (channel {c.candidate.entry.channel})", code="stream_stalled")
-                yield sse.DONE_FRAME
+                yield sse.error_frame(f"{failure} (channel {ch})", code="stream_stalled") + sse.DONE_FRAME
                 return
-            if payload == sse.DONE:
-                ok = True
-                yield sse.DONE_FRAME
+            over = take(batch)
+            yield b"".join(out)
+            out.clear()
+            if over:
                 return
-            if b'"error"' in payload and (msg := sse.error_in(payload)) is not None:
-                failure = f"upstream error mid-stream: {msg}"
-                yield sse.error_frame(f"{failure} (channel {c.candidate.entry.channel})", code="stream_interrupted")
-                yield sse.DONE_FRAME
-                return
-            if not finished:
-                finished = _finished(payload)
-            yield sse.frame(payload)
     except UpstreamError as e:
         failure = e.message
         if e.kind == "timeout":
             failure = f"upstream stalled for {stall_timeout_s:g} s"
-            yield sse.error_frame(f"{failure} (channel {c.candidate.entry.channel})", code="stream_stalled")
+            yield sse.error_frame(f"{failure} (channel {ch})", code="stream_stalled") + sse.DONE_FRAME
         else:
-            yield sse.error_frame(f"upstream failed mid-stream: {e.message} (channel {c.candidate.entry.channel})",
-                                  code="stream_interrupted")
-        yield sse.DONE_FRAME
+            yield sse.error_frame(f"upstream failed mid-stream: {e.message} (channel {ch})",
+                                  code="stream_interrupted") + sse.DONE_FRAME
     finally:
         await c.gen.aclose()
         h.end()

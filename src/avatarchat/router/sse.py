@@ -24,6 +24,14 @@ def error_frame(message: str, type_: str = "upstream_error", code: str | None = 
 
 async def events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The ``data`` payload of each event (multi-line data joined by \\n); comments and other fields dropped."""
+    async for batch in batches(chunks):
+        for payload in batch:
+            yield payload
+
+
+async def batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """Like ``events``, but the payloads completed by each read come together: a relay that is behind
+    forwards them in one write instead of one per event."""
     buf = b""
     async for chunk in chunks:
         buf += chunk
@@ -31,6 +39,7 @@ async def events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             if buf.endswith(b"\r"):
                 continue  # a \r\n may be split across chunks
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        out = []
         while True:
             cut = buf.find(b"\n\n")
             if cut < 0:
@@ -38,11 +47,13 @@ async def events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             block, buf = buf[:cut], buf[cut + 2 :]
             payload = _data(block)
             if payload is not None:
-                yield payload
+                out.append(payload)
+        if out:
+            yield out
     if buf.strip():
         payload = _data(buf)
         if payload is not None:
-            yield payload
+            yield [payload]
 
 
 def _data(block: bytes) -> bytes | None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import httptools
 import httpx
 
-_MAX_BUFFERED = 256  # chunks held before reading from the socket pauses (back-pressure)
+_MAX_BUFFERED = 256  # chunks held before reading from the socket pauses (back-pressure until the next read)
 
 
 class _Conn(asyncio.Protocol):
@@ -104,8 +104,10 @@ class _Conn(asyncio.Protocol):
     async def next_chunk(self, timeout: float | None) -> bytes | None:
         while True:
             if self.chunks:
-                chunk = self.chunks.popleft()
-                if self._paused and len(self.chunks) < _MAX_BUFFERED // 2 and self.transport is not None:
+                # Everything that has arrived, in one piece: a consumer that fell behind catches up in one step.
+                chunk = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
+                self.chunks.clear()
+                if self._paused and self.transport is not None:
                     self._paused = False
                     self.transport.resume_reading()
                 return chunk

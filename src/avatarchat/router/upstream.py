@@ -57,7 +57,9 @@ class Target:
 class Upstream(Protocol):
     async def complete(self, target: Target, body: dict[str, Any]) -> bytes: ...
 
-    def stream(self, target: Target, body: dict[str, Any]) -> AsyncIterator[bytes]: ...
+    def stream(self, target: Target, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        """Batches of SSE data payloads (each JSON chunk, then b"[DONE]")."""
+        ...
 
 
 def retry_after(value: str | None) -> float | None:
@@ -130,7 +132,7 @@ class HttpUpstream:
             raise UpstreamError(f"answered 200 without choices: {_detail(resp.content)}", kind="protocol")
         return resp.content
 
-    async def stream(self, target: Target, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, target: Target, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
         r = self.retry
         req = self.client.build_request(
             "POST", target.url, content=self._body(target, body),
@@ -146,8 +148,8 @@ class HttpUpstream:
                 data = await resp.aread()
                 raise UpstreamError(f"HTTP {resp.status_code}: {_detail(data)}", status=resp.status_code,
                                     retry_after=retry_after(resp.headers.get("retry-after")), body=data)
-            async for payload in sse.events(resp.aiter_raw()):
-                yield payload
+            async for batch in sse.batches(resp.aiter_raw()):
+                yield batch
         except httpx.HTTPError as e:
             raise _wrap(e) from None
         finally:
@@ -199,7 +201,7 @@ class LocalUpstream:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         }).encode()
 
-    async def stream(self, target: Target, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, target: Target, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
@@ -207,8 +209,7 @@ class LocalUpstream:
                                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]},
                               ensure_ascii=False, separators=(",", ":")).encode()
 
-        yield chunk({"role": "assistant", "content": ""})
+        yield [chunk({"role": "assistant", "content": ""})]
         async for d in self._deltas(body):
-            yield chunk({"content": d})
-        yield chunk({}, "stop")
-        yield sse.DONE
+            yield [chunk({"content": d})]
+        yield [chunk({}, "stop"), sse.DONE]

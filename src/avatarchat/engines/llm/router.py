@@ -83,16 +83,19 @@ class RouterEngine:
         assert isinstance(result, Committed)
         frames = relay(result, self.router.state.config.retry.stall_timeout_s)
         try:
-            async for frame in frames:
-                payload = frame[6:].strip()
-                if payload == b"[DONE]":
-                    return
-                obj = json.loads(payload)
-                if obj.get("error"):
-                    raise LLMError(f"LLM router: {obj['error'].get('message')}")
-                for choice in obj.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        yield text
+            async for data in frames:  # one or more "data: …\n\n" frames
+                for frame in data.split(b"\n\n"):
+                    if not frame:
+                        continue
+                    payload = frame[6:].strip()
+                    if payload == b"[DONE]":
+                        return
+                    obj = json.loads(payload)
+                    if obj.get("error"):
+                        raise LLMError(f"LLM router: {obj['error'].get('message')}")
+                    for choice in obj.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            yield text
         finally:
             await frames.aclose()
