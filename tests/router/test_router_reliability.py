@@ -188,3 +188,18 @@ async def test_health_check_marks_unreachable_and_auth(live_router, ups: list[Op
     assert live.router.health["c"].state == "open"  # background checks found it down
     assert live.router.health["b"].auth_error is not None
     assert live.router.health["a"].state == "closed"
+
+
+async def test_client_leaving_mid_stream_releases_the_channel(live_router, ups: list[OpenAITestServer]) -> None:
+    live = await live_router()
+    ups[0].behaviour.token_delay_s = 0.2
+    async with live.client.stream("POST", "/v1/chat/completions", json={"model": "tag:fast", "stream": True,
+                                  "messages": [{"role": "user", "content": "hi"}]}) as r:
+        async for _ in r.aiter_raw():
+            break  # leave after the first bytes
+    h = live.router.health["a"]
+    for _ in range(100):
+        if h.inflight == 0:
+            break
+        await __import__("asyncio").sleep(0.02)
+    assert h.inflight == 0 and h.failures == 0 and h.state == "closed"

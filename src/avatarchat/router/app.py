@@ -104,8 +104,8 @@ def router_routes(get: Getter, admin_prefix: str = "/admin") -> list[BaseRoute]:
                    "x-router-attempts": str(len(attempts))}
         if isinstance(result, Committed):
             headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-            return StreamingResponse(relay(result, router.state.config.retry.stall_timeout_s),
-                                     media_type="text/event-stream", headers=headers)
+            return _RelayResponse(result, relay(result, router.state.config.retry.stall_timeout_s),
+                                  media_type="text/event-stream", headers=headers)
         return Response(result, media_type="application/json", headers=headers)
 
     cache: dict[str, Any] = {}
@@ -178,6 +178,20 @@ def router_routes(get: Getter, admin_prefix: str = "/admin") -> list[BaseRoute]:
         Route(f"{admin_prefix}/explain", admin(explain), methods=["GET", "POST"]),
         Route(f"{admin_prefix}/reload", admin(reload), methods=["POST"]),
     ]
+
+
+class _RelayResponse(StreamingResponse):
+    """A stream response that releases its upstream even if the caller leaves before the first byte."""
+
+    def __init__(self, committed: Committed, content: AsyncIterator[bytes], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._committed = committed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._committed.abandon()
 
 
 def _route_error(e: RouteError) -> Response:

@@ -63,6 +63,15 @@ class Committed:
     started: float
     ttft_s: float
     attempts: list[AttemptLog] = field(default_factory=list)
+    closed: bool = False
+
+    async def abandon(self) -> None:
+        """The caller left before relay() ran: release the upstream stream and the channel slot."""
+        if not self.closed:
+            self.closed = True
+            await self.gen.aclose()
+            self.candidate.health.end()
+            self.candidate.health.probing = False
 
 
 def backoff(attempt: int, cfg: RetryConfig) -> float:
@@ -250,12 +259,14 @@ async def relay(c: Committed, stall_timeout_s: float) -> AsyncIterator[bytes]:
             yield sse.error_frame(f"upstream failed mid-stream: {e.message} (channel {ch})",
                                   code="stream_interrupted") + sse.DONE_FRAME
     finally:
-        await c.gen.aclose()
-        h.end()
-        if ok:
-            h.success(time.monotonic() - c.started, c.ttft_s)
-        elif failure is not None:
-            log.warning("stream failed after its first token", extra={"channel": h.name, "error": failure})
-            h.failure(failure)
-        else:
-            h.probing = False  # the caller went away
+        if not c.closed:
+            c.closed = True
+            await c.gen.aclose()
+            h.end()
+            if ok:
+                h.success(time.monotonic() - c.started, c.ttft_s)
+            elif failure is not None:
+                log.warning("stream failed after its first token", extra={"channel": h.name, "error": failure})
+                h.failure(failure)
+            else:
+                h.probing = False  # the caller went away
