@@ -1,4 +1,4 @@
-"""The ``avatarchat`` command: serve, say, chat, doctor."""
+"""The ``avatarchat`` command: serve, say, chat, doctor, router."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from avatarchat.config import ConfigError, Settings, load_settings
+if TYPE_CHECKING:  # imported lazily: `avatarchat router` starts without the app's settings machinery
+    from avatarchat.config import Settings
 
 @contextmanager
 def step(what: str) -> Iterator[None]:
@@ -45,7 +47,18 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("doctor", help="check engines, model files, dependencies and the port")
 
+    rt = sub.add_parser("router", help="run the LLM router alone (OpenAI-compatible, on its own YAML file)")
+    rt.add_argument("--host", default="127.0.0.1")
+    rt.add_argument("--port", type=int, default=8100)
+    rt.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
     args = parser.parse_args(argv)
+    if args.command == "router":
+        from avatarchat.router.serve import serve as serve_router
+
+        return serve_router(args.config, args.host, args.port, args.log_level)
+    from avatarchat.config import ConfigError, load_settings
+
     try:
         settings = load_settings(args.config)
     except ConfigError as e:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -56,8 +56,19 @@ class OpenAIConfig(BaseModel):
         return self.api_key.get_secret_value()
 
 
+class RouterEngineConfig(BaseModel):
+    config: str | None = Field(None, description="The LLM router's YAML file (see router.example.yaml); needed by engine router.")
+    model: str = Field("tag:local", description="Model, alias or tag query (tag:free,qwen,!local) the avatar asks for.")
+    strategy: Literal["cost_first", "balanced", "speed", "quality", "local_first"] | None = Field(
+        None, description="Routing strategy; default: the router file's."
+    )
+    mount_api: bool = Field(False, description="Also serve the router's /v1 API and /router/admin on the app's port.")
+
+
 class LLMConfig(BaseModel):
-    engine: Literal["llama_cpp", "openai"] = Field("llama_cpp", description="llama_cpp (embedded) or openai (any compatible server).")
+    engine: Literal["llama_cpp", "openai", "router"] = Field(
+        "llama_cpp", description="llama_cpp (embedded), openai (any compatible server) or router (the LLM router)."
+    )
     system_prompt: str = Field(
         description="The persona and answer style.",
         default=(
@@ -70,6 +81,13 @@ class LLMConfig(BaseModel):
     history_token_budget: int = Field(1200, ge=64, description="Tokens of past conversation kept per session.")
     llama_cpp: LlamaCppConfig = LlamaCppConfig()
     openai: OpenAIConfig = OpenAIConfig()
+    router: RouterEngineConfig = RouterEngineConfig()
+
+    @model_validator(mode="after")
+    def _router_file(self) -> LLMConfig:
+        if self.engine == "router" and not self.router.config:
+            raise ValueError("llm.router.config must name the router's YAML file when llm.engine is router")
+        return self
 
 
 class PiperConfig(BaseModel):

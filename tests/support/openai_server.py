@@ -29,6 +29,12 @@ class Behaviour:
     status: int = 200
     drop_after_tokens: int | None = None  # close the stream abruptly after this many tokens
     error_frame: str | None = None  # send an SSE error object instead of content
+    retry_after: str | None = None  # Retry-After header on error statuses
+    fail_first: int = 0  # the first N chat requests get `fail_status`, later ones succeed
+    fail_status: int = 503
+    stall_after_tokens: int | None = None  # stop sending (without closing) after this many tokens
+    api_key: str | None = None  # if set, other keys get 401
+    models: list[str] | None = None  # ids GET /v1/models lists
 
 
 @dataclass
@@ -45,14 +51,26 @@ class OpenAITestServer:
 
     def _app(self) -> Starlette:
         async def models(request: Request) -> Response:
-            return JSONResponse({"object": "list", "data": [{"id": "test-model", "object": "model"}]})
+            b = self.behaviour
+            if b.api_key is not None and request.headers.get("authorization") != f"Bearer {b.api_key}":
+                return JSONResponse({"error": {"message": "invalid api key", "type": "auth"}}, status_code=401)
+            ids = b.models if b.models is not None else ["test-model"]
+            return JSONResponse({"object": "list", "data": [{"id": i, "object": "model"} for i in ids]})
 
         async def chat(request: Request) -> Response:
             body = await request.json()
             self.requests.append({"body": body, "headers": dict(request.headers)})
             b = self.behaviour
+            headers = {"retry-after": b.retry_after} if b.retry_after is not None else None
+            if b.api_key is not None and request.headers.get("authorization") != f"Bearer {b.api_key}":
+                return JSONResponse({"error": {"message": "invalid api key", "type": "auth"}}, status_code=401)
+            if b.fail_first > 0:
+                b.fail_first -= 1
+                return JSONResponse({"error": {"message": f"test error {b.fail_status}", "type": "test"}},
+                                    status_code=b.fail_status, headers=headers)
             if b.status != 200:
-                return JSONResponse({"error": {"message": f"test error {b.status}", "type": "test"}}, status_code=b.status)
+                return JSONResponse({"error": {"message": f"test error {b.status}", "type": "test"}}, status_code=b.status,
+                                    headers=headers)
             words = [w + " " for w in b.reply.split(" ")]
             words[-1] = words[-1].rstrip()
 
@@ -62,7 +80,11 @@ class OpenAITestServer:
                 return f"data: {json.dumps(chunk)}\n\n".encode()
 
             if not body.get("stream"):
-                return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": b.reply}}]})
+                await asyncio.sleep(b.first_token_delay_s)
+                return JSONResponse({"id": "t", "object": "chat.completion", "created": int(time.time()),
+                                     "model": body.get("model", "test-model"),
+                                     "choices": [{"index": 0, "message": {"role": "assistant", "content": b.reply},
+                                                  "finish_reason": "stop"}]})
 
             async def gen() -> Any:
                 await asyncio.sleep(b.first_token_delay_s)
@@ -74,6 +96,8 @@ class OpenAITestServer:
                 for i, w in enumerate(words):
                     if b.drop_after_tokens is not None and i >= b.drop_after_tokens:
                         raise ConnectionError("dropped on purpose")
+                    if b.stall_after_tokens is not None and i >= b.stall_after_tokens:
+                        await asyncio.sleep(3600)
                     yield frame({"content": w})
                     await asyncio.sleep(b.token_delay_s)
                 yield frame({}, "stop")

@@ -33,6 +33,12 @@ def _openai(s: Settings) -> LLMEngine:
     return OpenAIEngine(s.llm.openai)
 
 
+def _router(s: Settings) -> LLMEngine:
+    from avatarchat.engines.llm.router import RouterEngine
+
+    return RouterEngine(s)
+
+
 def _piper(s: Settings) -> TTSEngine:
     from avatarchat.engines.tts.piper import PiperEngine
 
@@ -57,7 +63,7 @@ def _whisper(s: Settings) -> ASREngine:
     return WhisperEngine(s.asr)
 
 
-LLM_ENGINES: dict[str, Callable[[Settings], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai}
+LLM_ENGINES: dict[str, Callable[[Settings], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai, "router": _router}
 TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak}
 VAD_ENGINES: dict[str, Callable[[Settings], VADEngine]] = {"silero": _silero}
 ASR_ENGINES: dict[str, Callable[[Settings], ASREngine]] = {"whisper": _whisper}

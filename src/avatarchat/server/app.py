@@ -55,6 +55,14 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(ws_router)
     app.include_router(avatar_router)
+    if settings.llm.engine == "router" and settings.llm.router.mount_api:
+        from avatarchat.router.app import router_routes
+
+        # The router's OpenAI-compatible API on this port, served by the same in-process router.
+        app.router.routes.extend(
+            router_routes(lambda: getattr(app.state.engines.llm, "router", None) if hasattr(app.state, "engines") else None,
+                          admin_prefix="/router/admin")
+        )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
