@@ -24,5 +24,6 @@ export default defineConfig({
   test: {
     environment: "jsdom",
     include: ["src/**/*.spec.ts"],
+    setupFiles: ["src/__tests__/setup.ts"],
   },
 });

@@ -233,7 +233,7 @@ const voiceTests = {
     await page.waitForSelector("[data-mic-state=listening]", { timeout: 10_000 });
     await page.waitForFunction(() => window.avatarChat.heard.length > 0, null, { timeout: 30_000 });
     const heard = await page.evaluate(() => window.avatarChat.heard[0]);
-    assert.ok(wordMatch(process.env.E2E_Q1, heard) >= 0.6, heard);
+    assert.ok(wordMatch(process.env.E2E_Q1 ?? "Tell me a long story about a dragon and a knight.", heard) >= 0.6, heard);
     await waitTurn(page, "t.firstFrameAt", 60_000);
     const first = await lastTurn(page);
     assert.equal(first.voice, true);
@@ -244,7 +244,7 @@ const voiceTests = {
     await page.waitForFunction((id) => window.avatarChat.turns.find((t) => t.turnId === id)?.reason === "interrupted", first.turnId, { timeout: 40_000 });
     await page.waitForFunction(() => window.avatarChat.heard.length > 1, null, { timeout: 30_000 });
     const heard2 = await page.evaluate(() => window.avatarChat.heard[1]);
-    assert.ok(wordMatch(process.env.E2E_Q2, heard2) >= 0.6, heard2);
+    assert.ok(wordMatch(process.env.E2E_Q2 ?? "What is the tallest mountain in the world?", heard2) >= 0.6, heard2);
     await waitTurn(page, `t.turnId > ${first.turnId} && t.firstFrameAt`, 60_000);
     const cut = await page.evaluate((id) => window.avatarChat.turns.find((t) => t.turnId === id), first.turnId);
     assert.ok(typeof cut.heard === "string" && cut.heard.length < cut.text.length + 1, JSON.stringify(cut));
