@@ -7,7 +7,7 @@ export interface AvatarInfo {
 }
 
 export const MAX_UPLOAD_BYTES = 10 * 1024 * 1024; // the server's default avatar.max_upload_bytes
-const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/bmp"];
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"];
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 
 export class ApiError extends Error {
@@ -23,8 +23,8 @@ export class ApiError extends Error {
 export function checkUpload(name: string, file: { name: string; type: string; size: number } | null, maxBytes = MAX_UPLOAD_BYTES): string | null {
   if (!NAME_RE.test(name)) return "Give the avatar a name: letters, digits, - and _, up to 64 characters.";
   if (!file) return "Choose a portrait image.";
-  const looksImage = IMAGE_TYPES.includes(file.type) || (!file.type && /\.(png|jpe?g|webp|bmp)$/i.test(file.name));
-  if (!looksImage) return `“${file.name}” is not an image: upload a PNG, JPEG, WebP or BMP portrait.`;
+  const looksImage = IMAGE_TYPES.includes(file.type) || (!file.type && /\.(png|jpe?g|webp)$/i.test(file.name));
+  if (!looksImage) return `“${file.name}” is not an image: upload a PNG, JPEG or WebP portrait.`;
   if (file.size > maxBytes) return `“${file.name}” is ${(file.size / 2 ** 20).toFixed(1)} MB; the limit is ${(maxBytes / 2 ** 20).toFixed(0)} MB.`;
   if (file.size === 0) return `“${file.name}” is empty.`;
   return null;

@@ -128,6 +128,7 @@ export class ChatClient {
       firstFrame: (id, now) => {
         const r = this.record(id);
         if (r && r.firstFrameAt === null) r.firstFrameAt = now;
+        if (r && this.player.active) this.setState("speaking"); // the face moves: before play() settles
       },
       firstMedia: (id) => {
         const r = this.record(id);
