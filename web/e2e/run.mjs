@@ -93,6 +93,28 @@ const tests = {
     await page.context().close();
   },
 
+  async server_unreachable_then_retry(browser) {
+    // Every WebSocket attempt is refused (as when the server is down): a clear error with a retry,
+    // automatic retries with backoff, and the connection comes back once the server does.
+    const context = await browser.newContext();
+    let down = true;
+    await context.routeWebSocket(/\/ws/, (ws) => {
+      if (down) ws.close();
+      else ws.connectToServer();
+    });
+    const page = await context.newPage();
+    await page.goto(`${BASE}/`);
+    await page.waitForSelector("[data-testid=error][data-code=unreachable]", { timeout: 15_000 });
+    assert.match(await page.innerText("[data-testid=error]"), /Cannot reach the server/);
+    assert.equal(await page.getAttribute("[data-testid=status]", "data-state"), "offline");
+    await shot(page, "unreachable");
+    down = false;
+    await page.click("[data-testid=retry]");
+    await page.waitForFunction(() => window.avatarChat.sessionId, null, { timeout: 20_000 });
+    assert.equal(await page.locator("[data-testid=error]").count(), 0);
+    await context.close();
+  },
+
   async session_limit_then_retry(browser) {
     const { page: holder } = await openApp(browser, BASE);
     // Fill the server up with bare sessions from the first page.
