@@ -81,3 +81,27 @@ def test_web_app_end_to_end_in_chromium(built: None, live_app: LiveApp, tmp_path
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert " 0 failed" in r.stdout
     assert (ARTIFACTS / "web-speaking.png").is_file() and (ARTIFACTS / "web-monitor.png").is_file()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is installed by make setup")
+def test_web_app_shows_llm_failure_with_send_again(built: None, upstream, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An LLM upstream that answers 500: the page says so and its retry sends the message again."""
+    from avatarchat.config import load_settings
+    from tests.support.openai_server import Behaviour
+
+    upstream.behaviour = Behaviour(status=500)
+    settings = load_settings(
+        llm={"engine": "openai", "openai": {"base_url": upstream.base_url, "model": "test-model", "read_timeout_s": 5}},
+        avatar={"dir": str(tmp_path / "avatars")},
+    )
+    app = LiveApp(settings).start()
+    try:
+        r = _node(["node", "e2e/run.mjs"], env={"AVATARCHAT_URL": app.http, "CHROMIUM": CHROMIUM, "E2E_SUITE": "llm_failure",
+                                                "E2E_ARTIFACTS": str(ARTIFACTS)}, timeout=300)
+    finally:
+        app.stop()
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert "1 passed, 0 failed" in r.stdout
+    asked = [q for q in upstream.requests if any(m.get("content") == "Hello?" for m in q["body"].get("messages", []))]
+    assert len(asked) == 2, upstream.requests  # the retry really asked the LLM again

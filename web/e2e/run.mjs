@@ -246,6 +246,24 @@ const tests = {
   },
 };
 
+// Run with E2E_SUITE=llm_failure against an app whose LLM upstream answers 500 (tests/test_web_app.py).
+const failureTests = {
+  async llm_failure_offers_send_again(browser) {
+    const { page } = await openApp(browser, BASE);
+    await typeMessage(page, "Hello?");
+    await page.waitForSelector("[data-testid=error][data-code=llm_failed]", { timeout: 30_000 });
+    assert.match(await page.innerText("[data-testid=error]"), /language model failed/);
+    assert.equal(await page.innerText("[data-testid=retry]"), "Send again");
+    await shot(page, "llm-failed");
+    await page.click("[data-testid=retry]");
+    // The message goes out again (a second turn), and fails again with the same clear error.
+    await page.waitForFunction(() => window.avatarChat.turns.length === 2 && window.avatarChat.lastTurn.reason === "error", null, { timeout: 30_000 });
+    await page.waitForSelector("[data-testid=error][data-code=llm_failed]");
+    assert.equal(await page.evaluate(() => window.avatarChat.state), "ready");
+    await page.context().close();
+  },
+};
+
 const voiceTests = {
   async voice_turn_and_barge_in(browser) {
     // The fake mic plays: 1 s silence, question 1, a pause while the avatar answers, question 2 (barge-in).
@@ -282,10 +300,13 @@ const voiceTests = {
 async function runAll() {
   const results = [];
   const selected = (suite) => Object.entries(suite).filter(([name]) => !ONLY.length || ONLY.includes(name));
-  const suites = [
-    [null, selected(tests)],
-    [process.env.E2E_WAV, selected(voiceTests)],
-  ];
+  const suites =
+    process.env.E2E_SUITE === "llm_failure"
+      ? [[null, selected(failureTests)]]
+      : [
+          [null, selected(tests)],
+          [process.env.E2E_WAV, selected(voiceTests)],
+        ];
   for (const [wav, list] of suites) {
     if (!list.length) continue;
     if (wav === undefined) throw new Error("E2E_WAV is needed for the voice tests");
