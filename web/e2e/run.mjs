@@ -24,17 +24,19 @@ const waitTurn = (page, cond, timeout = 90_000) =>
   page.waitForFunction(`(() => { const t = window.avatarChat.lastTurn; return !!t && (${cond}); })()`, null, { timeout });
 const videoTime = (page) => page.$eval("[data-testid=turn-video]", (v) => v.currentTime);
 
-async function typeMessage(page, text) {
-  await page.fill("[data-testid=text] input, input[data-testid=text]", text);
-  await page.click("[data-testid=send]");
+async function typeMessage(page, text, { enter = false } = {}) {
+  await page.fill("input[data-testid=text]", text);
+  if (enter) await page.press("input[data-testid=text]", "Enter");
+  else await page.click("[data-testid=send]");
 }
 
 const tests = {
   async text_turn_plays_video_and_streams_reply(browser) {
     const { page, errors } = await openApp(browser, BASE);
     await page.waitForFunction(() => document.querySelector("[data-testid=idle-video]").currentTime > 0.2, null, { timeout: 20_000 });
-    await typeMessage(page, "Hello! Tell me about the moon.");
+    await typeMessage(page, "Hello! Tell me about the moon.", { enter: true });
     await page.waitForSelector("[data-testid=transcript] li[data-role=user]");
+    assert.equal(await page.inputValue("input[data-testid=text]"), "");
     await waitTurn(page, "t.firstFrameAt");
     const t1 = await videoTime(page);
     await page.waitForTimeout(700);
@@ -47,6 +49,7 @@ const tests = {
     await waitTurn(page, "t.ended", 120_000);
     const turn = await lastTurn(page);
     assert.equal(turn.reason, "complete");
+    assert.equal(await page.evaluate(() => window.avatarChat.turns.length), 1, "Enter sent the message once");
     const bot = await page.locator("[data-testid=transcript] li[data-role=bot]").last().innerText();
     assert.equal(bot.trim(), turn.text.trim());
     // Gapless: the player never waits with media in hand. (When the shared 2-core machine is loaded the
