@@ -6,7 +6,7 @@ from the end of the speech (the last mic frame above the voice level, in the bro
 baseline is the server's `first_video` timing of the same turns (user message received → first fMP4 fragment
 sent); the target is browser p50 ≤ server p50 + 100 ms for text turns.
 
-    .venv/bin/python bench/bench_web.py            # TURNS=12 by default; needs `make setup` (the web build)
+    .venv/bin/python bench/bench_web.py     # TURNS=12 text turns, VOICE_TURNS=10 (VOICE=0 skips them); needs `make setup`
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def voice_wav(path: Path, n: int) -> None:
 
     parts = [silence(1.0)]
     for i in range(n):
-        parts += [piper_16k(QUESTIONS[i % len(QUESTIONS)]), silence(9.0)]
+        parts += [piper_16k(QUESTIONS[i % len(QUESTIONS)]), silence(11.0)]
     audio = np.concatenate(parts)
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -85,7 +85,7 @@ def main() -> int:
         results["text"] = report("text", run(base, "text", TURNS))
         if os.environ.get("VOICE", "1") != "0":
             wav = Path(tmp) / "questions.wav"
-            n = max(10, TURNS) + 2
+            n = int(os.environ.get("VOICE_TURNS", "10")) + 2
             voice_wav(wav, n)
             results["voice"] = report("voice", run(base, "voice", n - 2, wav))
     print(f"load average after: {os.getloadavg()}")

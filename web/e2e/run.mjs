@@ -138,9 +138,13 @@ const tests = {
     await page.waitForSelector("[data-testid=error][data-code=session_limit]", { timeout: 20_000 });
     assert.match(await page.innerText("[data-testid=error]"), /busy/);
     await shot(page, "session-limit");
+    // Retry while still full: a new attempt, refused again with the same error.
+    await page.click("[data-testid=retry]");
+    await page.waitForSelector("[data-testid=error][data-code=session_limit]", { timeout: 20_000 });
     await holder.evaluate(() => window.__held.forEach((ws) => ws.close()));
     await page.waitForTimeout(300);
-    if (await page.isVisible("[data-testid=retry]")) await page.click("[data-testid=retry]");
+    // Room again: retry now (the automatic retry may win the race and remove the button first).
+    await page.locator("[data-testid=retry]").click({ timeout: 3_000 }).catch(() => {});
     await page.waitForFunction(() => window.avatarChat.sessionId, null, { timeout: 20_000 });
     assert.equal(await page.locator("[data-testid=error]").count(), 0);
     await context.close();
