@@ -57,9 +57,7 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(ws_router)
     app.include_router(avatar_router)
-    app.include_router(monitor_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.mount("/app", StaticFiles(directory=WEBAPP, check_dir=False), name="webapp")
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -71,6 +69,9 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
     async def basic() -> FileResponse:
         """The plain page (no build step): a fallback and a reference client."""
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.include_router(monitor_router)
+    app.mount("/app", StaticFiles(directory=WEBAPP, check_dir=False), name="webapp")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
