@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test bench doctor clean
+.PHONY: setup run test bench doctor clean web
 
 setup:
 	@bash scripts/setup.sh
@@ -23,3 +23,7 @@ doctor: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .coverage
+
+# The web app alone (issue 4): npm ci when the lock changed, build when stale (setup does this too).
+web:
+	@bash scripts/web_build.sh

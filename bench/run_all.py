@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["bench_render_encode.py", "bench_pipeline.py", "bench_voice.py"]
+BENCHES = ["bench_render_encode.py", "bench_pipeline.py", "bench_voice.py", "bench_web.py"]
 
 
 def main() -> int:

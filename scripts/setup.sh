@@ -24,6 +24,10 @@ apt_install() {
 
 apt_install espeak-ng chromium
 
+# The web app (issue 4): Node 20+ and npm build it; production serves the files, no Node server.
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+bash scripts/web_build.sh
+
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
   "$PY" -m venv "$VENV"

@@ -41,7 +41,7 @@ def test_page_plays_the_answer_gaplessly(live_app: LiveApp, browser) -> None:  #
     page = browser.new_page(viewport={"width": 1100, "height": 640})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(live_app.http)
+    page.goto(live_app.http + "/basic")
     page.wait_for_function("window.avatarChat && window.avatarChat.state === 'ready'", timeout=30_000)
     assert page.evaluate("MediaSource.isTypeSupported('video/mp4; codecs=\"avc1.42C01E, mp4a.40.2\"')")
     # The idle loop plays before anyone types.
@@ -75,7 +75,7 @@ def test_page_plays_the_answer_gaplessly(live_app: LiveApp, browser) -> None:  #
 
 def test_page_stop_button_cuts_the_answer(live_app: LiveApp, browser) -> None:  # type: ignore[no-untyped-def]
     page = browser.new_page()
-    page.goto(live_app.http)
+    page.goto(live_app.http + "/basic")
     page.wait_for_function("window.avatarChat && window.avatarChat.state === 'ready'", timeout=30_000)
     page.fill("#text", "Tell me a long story about a dragon and a knight.")
     page.press("#text", "Enter")
@@ -113,7 +113,7 @@ def test_page_talks_through_the_microphone(live_app: LiveApp, pw, tmp_path: Path
               f"--use-file-for-fake-audio-capture={wav}%noloop"],
     )
     page = b.new_page()
-    page.goto(live_app.http)
+    page.goto(live_app.http + "/basic")
     page.wait_for_function("window.avatarChat && window.avatarChat.state === 'ready'", timeout=30_000)
     page.click("#mic")
     page.wait_for_function("window.avatarChat.micOn", timeout=10_000)

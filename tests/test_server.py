@@ -84,8 +84,9 @@ def test_health_ready_metrics_and_page(live_app: LiveApp) -> None:
     assert ready["ready"] is True and ready["llm"] == "llama_cpp"
     metrics = httpx.get(live_app.http + "/metrics").text
     assert "avatarchat_active_sessions" in metrics and "avatarchat_ready 1.0" in metrics
-    page = httpx.get(live_app.http + "/")
+    page = httpx.get(live_app.http + "/basic")
     assert page.status_code == 200 and "<video" in page.text
+    assert httpx.get(live_app.http + "/").status_code == 200  # the web app, or the plain page before a build
     clip = httpx.get(live_app.http + "/avatars/default/idle.mp4")
     assert clip.status_code == 200 and clip.content[4:8] == b"ftyp"
     assert httpx.get(live_app.http + "/avatars/nobody/idle.mp4").status_code == 404

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry()
@@ -32,3 +35,12 @@ SPECULATIONS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+
+# The last turns' latencies for GET /api/monitor (the web app's dashboard); a bounded ring, in memory.
+RECENT_TURNS: deque[dict[str, object]] = deque(maxlen=200)
+
+
+def record_turn(session_id: str, turn_id: int, reason: str, timings: dict[str, int], asr_ms: int | None) -> None:
+    RECENT_TURNS.append(
+        {"at": time.time(), "session": session_id[:8], "turn_id": turn_id, "reason": reason, "asr_ms": asr_ms, **timings}
+    )

@@ -84,6 +84,8 @@ class Session:
         s = engines.settings
         self.id = uuid.uuid4().hex
         self.engines = engines
+        # Per-session copy: `session.update` changes the speaking rate or the silence window for this session only.
+        self.settings = s.model_copy(deep=True)
         self.send = send
         self.avatar = avatar
         self.history = History(s.llm.system_prompt, s.llm.history_token_budget, engines.count_tokens)
@@ -98,6 +100,7 @@ class Session:
         self._idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.voice: VoiceInput | None = None
+        self._asr_ms: dict[int, int | None] = {}  # turn id → ASR time of the utterance that started it
         self.touch()
 
     @property
@@ -149,7 +152,7 @@ class Session:
         turn = Turn(
             turn_id=self._turn_ids,
             user_text=text,
-            settings=self.engines.settings,
+            settings=self.settings,
             llm=self.engines.llm,
             tts=self.engines.tts,
             renderer=self.engines.avatars.renderer(self.avatar),
@@ -161,6 +164,7 @@ class Session:
         )
         self._turn = turn
         self._playback = None
+        self._asr_ms[turn.turn_id] = self.voice.last_asr_ms if (t0 is None and self.voice is not None) else None
         self._task = asyncio.create_task(self._run(turn), name=f"turn-{self.id[:8]}-{turn.turn_id}")
         return turn
 
@@ -236,6 +240,8 @@ class Session:
 
     async def _done(self, turn: Turn, result: TurnResult) -> None:
         metrics.TURNS.labels(result.reason).inc()
+        if not turn.discarded:
+            metrics.record_turn(self.id, turn.turn_id, result.reason, result.timings, self._asr_ms.pop(turn.turn_id, None))
         log.info(
             "turn done",
             extra={"session": self.id, "turn": turn.turn_id, "reason": result.reason, "timings_ms": result.timings,

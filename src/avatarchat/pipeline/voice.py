@@ -40,7 +40,7 @@ class VoiceInput:
     def __init__(self, session: Session) -> None:
         self._session = session
         engines = session.engines
-        s = engines.settings
+        s = session.settings
         self._voice = s.voice
         self._asr = engines.asr
         self.taker = TurnTaker(engines.vad.stream(), s.vad, s.voice, s.asr.partial_interval_ms)
@@ -48,6 +48,11 @@ class VoiceInput:
         self._spec: _Speculation | None = None
         self._final: asyncio.Task[None] | None = None
         self._asr_ms = 0
+
+    @property
+    def last_asr_ms(self) -> int:
+        """How long the last utterance's recognition took (ms)."""
+        return self._asr_ms
 
     async def feed(self, pcm: bytes) -> None:
         """Take one frame of 16 kHz mono signed 16-bit little-endian PCM."""

@@ -21,11 +21,13 @@ from avatarchat.metrics import REGISTRY
 from avatarchat.pipeline.session import SessionManager
 from avatarchat.server.avatar_api import router as avatar_router
 from avatarchat.server.idle import IdleClips
+from avatarchat.server.monitor import router as monitor_router
 from avatarchat.services.avatar_store import AvatarStore
 from avatarchat.server.ws import router as ws_router
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+WEBAPP = Path(__file__).parent / "webapp"  # the built web app (web/, `npm run build`); not in git
 
 
 def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
@@ -67,7 +69,17 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
+        """The web app when it is built, else the plain page."""
+        page = WEBAPP / "index.html"
+        return FileResponse(page if page.is_file() else STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/basic", include_in_schema=False)
+    async def basic() -> FileResponse:
+        """The plain page (no build step): a fallback and a reference client."""
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.include_router(monitor_router)
+    app.mount("/app", StaticFiles(directory=WEBAPP, check_dir=False), name="webapp")
 
     @app.get("/health")
     async def health() -> dict[str, str]:

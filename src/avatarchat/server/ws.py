@@ -80,12 +80,96 @@ def parse_event(text: str, max_chars: int) -> dict[str, Any]:
             raise ProtocolError("invalid_field", "playback needs an integer 'turn_id' and a number 'position_ms'")
         if not isinstance(event.get("playing", True), bool):
             raise ProtocolError("invalid_field", "playback 'playing' must be a boolean")
+    elif kind == "session.update":
+        _check_update(event)
     elif kind == "hello":
         if event.get("protocol") != PROTOCOL:
             raise ProtocolError("unsupported_protocol", f"this server speaks protocol {PROTOCOL}")
     elif kind not in ("stop", "ping", "mic_stop"):
         raise ProtocolError("unknown_type", f"unknown event type {kind[:40]!r}")
     return event
+
+
+_UPDATE_FIELDS = ("rate", "silence_ms", "voice", "language", "llm", "avatar")
+
+
+def _check_update(event: dict[str, Any]) -> None:
+    """Types and ranges of a ``session.update``; choices that depend on the server are checked in ``configure``."""
+    if not any(k in event for k in _UPDATE_FIELDS):
+        raise ProtocolError("invalid_field", f"session.update needs at least one of {', '.join(_UPDATE_FIELDS)}")
+    rate = event.get("rate", 1.0)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.5 <= rate <= 2.0:
+        raise ProtocolError("invalid_field", "rate must be a number from 0.5 to 2.0")
+    silence = event.get("silence_ms", 500)
+    if isinstance(silence, bool) or not isinstance(silence, int) or not 200 <= silence <= 3000:
+        raise ProtocolError("invalid_field", "silence_ms must be an integer from 200 to 3000")
+    for key in ("voice", "language", "avatar"):
+        if key in event and (not isinstance(event[key], str) or not 0 < len(event[key]) <= 64):
+            raise ProtocolError("invalid_field", f"{key} must be a string of 1 to 64 characters")
+    llm = event.get("llm", {})
+    if not isinstance(llm, dict) or any(not isinstance(llm.get(k, ""), str) for k in ("provider", "model")):
+        raise ProtocolError("invalid_field", "llm must be an object with string fields 'provider' and 'model'")
+
+
+def session_settings(session: Session) -> dict[str, Any]:
+    """The settings in effect for a session, and the choices this server offers."""
+    s, engines = session.settings, session.engines
+    return {
+        "rate": s.tts.rate,
+        "silence_ms": s.voice.silence_ms,
+        "voice": engines.tts.voices()[0],
+        "language": s.asr.language or "auto",
+        "llm": {"provider": s.llm.engine, "model": llm_model(engines)},
+        "avatar": session.avatar,
+        "options": {
+            "voices": engines.tts.voices(),
+            "languages": [s.asr.language or "auto"],
+            "llm": [{"provider": s.llm.engine, "model": llm_model(engines)}],
+            "avatars": engines.avatars.names(),
+        },
+    }
+
+
+def llm_model(engines: Engines) -> str:
+    s = engines.settings.llm
+    if s.engine == "openai":
+        return s.openai.model
+    path = getattr(engines.llm, "model_path", None)
+    return path.stem if path is not None else "default"
+
+
+async def configure(session: Session, event: dict[str, Any]) -> None:
+    """Apply a validated ``session.update``: all fields or none."""
+    engines = session.engines
+    current = session_settings(session)
+    voice, language = event.get("voice"), event.get("language")
+    if voice is not None and voice not in engines.tts.voices():
+        raise ProtocolError("invalid_field", f"no voice named {voice!r}; this server has {engines.tts.voices()}")
+    if language is not None and language != current["language"]:
+        raise ProtocolError(
+            "invalid_field", f"language {language!r} is not available; the speech recognizer is set up for {current['language']!r}"
+        )
+    llm = event.get("llm")
+    if llm is not None:
+        offered = current["llm"]
+        if llm.get("provider", offered["provider"]) != offered["provider"] or llm.get("model", offered["model"]) != offered["model"]:
+            raise ProtocolError(
+                "invalid_field", f"LLM {llm.get('provider')}/{llm.get('model')} is not available; this server runs "
+                f"{offered['provider']}/{offered['model']}"
+            )
+    avatar = event.get("avatar")
+    if avatar is not None and avatar != session.avatar:
+        if avatar not in engines.avatars.names():
+            raise ProtocolError("invalid_field", f"no avatar named {avatar[:64]!r}")
+        try:  # load it off the loop, so the next turn starts at once
+            await asyncio.get_running_loop().run_in_executor(engines.workers, engines.avatars.renderer, avatar)
+        except UnknownAvatarError as e:
+            raise ProtocolError("invalid_field", f"no avatar named {avatar[:64]!r}") from e
+        session.avatar = avatar
+    if "rate" in event:
+        session.settings.tts.rate = float(event["rate"])
+    if "silence_ms" in event:
+        session.settings.voice.silence_ms = int(event["silence_ms"])
 
 
 def parse_audio(data: bytes, session: Session, max_bytes: int) -> bytes:
@@ -152,6 +236,7 @@ async def session_socket(ws: WebSocket) -> None:
                 "max_text_chars": settings.pipeline.max_text_chars,
                 "max_audio_frame_bytes": settings.voice.max_audio_frame_bytes,
             },
+            settings=session_settings(session),
         )
         await _receive_loop(ws, session, sender)
     except (WebSocketDisconnect, UnknownAvatarError):
@@ -204,6 +289,13 @@ async def _receive_loop(ws: WebSocket, session: Session, sender: WebSocketSender
             if session.voice is not None:
                 await session.voice.close()
                 session.voice = None
+        elif kind == "session.update":
+            try:
+                await configure(session, event)
+            except ProtocolError as e:
+                await sender.event("error", code=e.code, message=str(e), fatal=False)
+                continue
+            await sender.event("session.updated", settings=session_settings(session))
         elif kind == "playback":
             session.playback(event["turn_id"], float(event["position_ms"]), bool(event.get("playing", True)))
 

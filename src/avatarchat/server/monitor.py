@@ -1,0 +1,49 @@
+"""GET /api/monitor: the web app's dashboard data as JSON (the /metrics text is for Prometheus)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psutil
+from fastapi import APIRouter, Query, Request
+
+from avatarchat import metrics
+
+router = APIRouter(prefix="/api")
+_STARTED = time.time()
+_PROCESS = psutil.Process()
+
+
+def _samples(metric: Any, suffix: str = "") -> list[tuple[dict[str, str], float]]:
+    return [
+        (s.labels, s.value) for fam in metric.collect() for s in fam.samples if s.name == fam.name + suffix
+    ]
+
+
+@router.get("/monitor")
+async def monitor(request: Request, turns: int = Query(50, ge=1, le=200)) -> dict[str, Any]:
+    """Process CPU % (since the previous call) and RSS, sessions, render fps, errors and the last turns' latencies."""
+    with _PROCESS.oneshot():
+        cpu = _PROCESS.cpu_percent(interval=None)
+        rss = _PROCESS.memory_info().rss
+    errors = {labels["code"]: int(v) for labels, v in _samples(metrics.ERRORS, "_total")}
+    turn_reasons = {labels["reason"]: int(v) for labels, v in _samples(metrics.TURNS, "_total")}
+    fps = _samples(metrics.RENDER_FPS)
+    return {
+        "time": time.time(),
+        "uptime_s": round(time.time() - _STARTED, 1),
+        "ready": request.app.state.engines.ready.is_set(),
+        "sessions": len(request.app.state.sessions),
+        "max_sessions": request.app.state.settings.session.max_sessions,
+        "cpu_percent": round(cpu, 1),
+        "cpu_count": psutil.cpu_count() or 1,
+        "rss_mb": round(rss / 2**20, 1),
+        "fps": round(fps[0][1], 1) if fps else 0.0,
+        "target_fps": request.app.state.settings.avatar.fps,
+        "frames_total": int(sum(v for _, v in _samples(metrics.FRAMES, "_total"))),
+        "errors": errors,
+        "errors_total": sum(errors.values()),
+        "turns_total": turn_reasons,
+        "turns": list(metrics.RECENT_TURNS)[-turns:],
+    }

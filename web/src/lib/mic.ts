@@ -1,0 +1,34 @@
+// Microphone capture: getUserMedia → AudioWorklet (/static/mic-worklet.js, shared with the plain page)
+// → 20 ms frames of 16 kHz mono PCM16, plus a peak level for the meter.
+
+export interface MicHandle {
+  stop(): void;
+}
+
+export class MicDeniedError extends Error {}
+
+export async function openMic(onFrame: (pcm: ArrayBuffer, level: number) => void): Promise<MicHandle> {
+  let stream: MediaStream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+    });
+  } catch (err) {
+    const e = err as DOMException;
+    const why = e.name === "NotAllowedError" ? "access was denied" : e.name === "NotFoundError" ? "no microphone was found" : e.message;
+    throw new MicDeniedError(`The microphone is unavailable: ${why}. Allow it for this site in the browser, then try again.`);
+  }
+  const ctx = new AudioContext();
+  await ctx.audioWorklet.addModule("/static/mic-worklet.js");
+  const source = ctx.createMediaStreamSource(stream);
+  const node = new AudioWorkletNode(ctx, "mic-processor");
+  node.port.onmessage = (ev: MessageEvent<{ pcm: ArrayBuffer; level: number }>) => onFrame(ev.data.pcm, ev.data.level);
+  source.connect(node);
+  return {
+    stop() {
+      node.port.onmessage = null;
+      stream.getTracks().forEach((track) => track.stop());
+      void ctx.close();
+    },
+  };
+}
