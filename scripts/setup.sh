@@ -22,7 +22,7 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-apt_install espeak-ng chromium
+apt_install espeak-ng chromium redis-server
 
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"

@@ -62,6 +62,7 @@ class OpenAITestServer:
                 return f"data: {json.dumps(chunk)}\n\n".encode()
 
             if not body.get("stream"):
+                await asyncio.sleep(b.first_token_delay_s)  # the whole answer's latency
                 return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": b.reply}}]})
 
             async def gen() -> Any:
