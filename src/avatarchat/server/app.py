@@ -42,6 +42,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         app.state.idle = IdleClips(eng)
         app.state.llm_exec = LLMExecutor(settings.llm.openai, settings.services.llm,
                                          max_tokens=settings.llm.max_tokens, temperature=settings.llm.temperature)
+        app.state.llm_exec.attach(asyncio.get_running_loop())
         store: AvatarStore | None = None
         service: AvatarService
         if role == "gateway":

@@ -10,8 +10,8 @@ once, when it starts, so switching modes never drops a call in flight. If Redis 
 (and so by /health and /ready) until Redis answers again.
 
 The sync facade never makes an event loop per call: it hands the coroutine to the executor's home loop,
-the server's loop or, in a plain sync program (Flask, Gunicorn sync workers), one background loop
-thread per process, made on first use (after a fork, again in the child).
+the server's loop (``attach``) or, in a plain sync program (Flask, Gunicorn sync workers), one
+background loop thread per process, made on first use (after a fork, again in the child).
 """
 
 from __future__ import annotations
@@ -165,18 +165,20 @@ class LLMExecutor:
 
     # -- the home loop -------------------------------------------------------------------------------
 
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make ``loop`` (the server's, which lives as long as the process) the home of every call."""
+        with self._lock:
+            self._loop = loop
+
     def _home(self) -> asyncio.AbstractEventLoop:
         if self._pid != os.getpid():  # forked (Gunicorn): the parent's loop thread and sockets are not ours
             self._reset()
         with self._lock:
+            # Not the caller's running loop: Flask's async views run each request on a loop of its own.
             if self._loop is None or self._loop.is_closed():
-                try:
-                    self._loop = asyncio.get_running_loop()
-                except RuntimeError:
-                    self._loop = asyncio.new_event_loop()
-                    self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                                         name="llm-loop")
-                    self._loop_thread.start()
+                self._loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="llm-loop")
+                self._loop_thread.start()
             return self._loop
 
     def _on_home(self, coro: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T] | asyncio.Future[T]:
