@@ -21,6 +21,7 @@ import numpy as np
 
 from avatarchat.config import AvatarClientConfig
 from avatarchat.engines.avatar.library import AvatarLibrary, UnknownAvatarError
+from avatarchat.services.http_pool import PooledTransport
 from avatarchat.services.avatar_store import AvatarStore, AvatarStoreError, check_name
 from avatarchat.services.webrtc import PeerManager, WebRTCError
 
@@ -145,18 +146,20 @@ class HttpAvatarService:
 
     def __init__(self, config: AvatarClientConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = config.url.rstrip("/")
+        limits = httpx.Limits(
+            max_connections=config.max_connections,
+            max_keepalive_connections=config.max_keepalive_connections,
+            keepalive_expiry=config.keepalive_expiry_s,
+        )
         self._client = httpx.AsyncClient(
             base_url=self.url,
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_keepalive_connections,
-                keepalive_expiry=config.keepalive_expiry_s,
-            ),
+            limits=limits,
             timeout=httpx.Timeout(
                 connect=config.connect_timeout_s, read=config.read_timeout_s,
                 write=config.write_timeout_s, pool=config.pool_timeout_s,
             ),
-            transport=transport,
+            # httpcore's pool slows down badly with hundreds of requests in flight (http_pool.py).
+            transport=transport or PooledTransport(limits),
             follow_redirects=False,  # a redirect must not carry the gateway somewhere else
         )
 
