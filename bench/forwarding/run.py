@@ -87,6 +87,7 @@ def start(variant: str, port: int, upstream: str) -> tuple[subprocess.Popen[byte
             AVATARCHAT_SERVICES__AVATAR__URL=upstream,
             AVATARCHAT_SERVICES__AVATAR__MAX_CONNECTIONS="1100",
             AVATARCHAT_SERVICES__AVATAR__MAX_KEEPALIVE_CONNECTIONS="1100",
+            AVATARCHAT_SERVICES__AVATAR__CONNECT_TIMEOUT_S="10",  # a starved upstream accepts 1000 slowly
             AVATARCHAT_LLM__ENGINE="openai",
             AVATARCHAT_TTS__ENGINE="espeak",
             AVATARCHAT_SERVER__LOG_LEVEL="warning",
@@ -110,31 +111,15 @@ def ready_check(url: str, proc: subprocess.Popen[bytes]) -> None:
     wait_up(url, proc)
 
 
-def measure(variant: str, n: int, upstream: str, deadline: float) -> dict[str, object]:
+def measure(variant: str, n: int, upstream: str, deadline: float, upstream_pid: int) -> dict[str, object]:
+    if variant == "u":  # the floor: the load generator straight at the upstream, no forwarder
+        return _run_load(variant, n, upstream, deadline, upstream_pid)
     port = free_port()
     proc, ready = start(variant, port, upstream)
     try:
         ready_check(ready, proc)
         time.sleep(2)  # let start-up work settle before counting CPU
-        cpu0 = cpu_seconds(proc.pid)
-        peak = rss_mb(proc.pid)
-        stop = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.wait(0.2):
-                peak = max(peak, rss_mb(proc.pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        out = subprocess.run(
-            [sys.executable, str(HERE / "load.py"), f"http://127.0.0.1:{port}/api/avatar/list", str(n), str(deadline)],
-            capture_output=True, text=True, check=True,
-        )
-        stop.set()
-        sampler.join()
-        cpu = cpu_seconds(proc.pid) - cpu0
-        res = json.loads(out.stdout)
+        return _run_load(variant, n, f"http://127.0.0.1:{port}", deadline, proc.pid)
     finally:
         for p in reversed(tree(proc.pid)) if proc.poll() is None else []:
             try:
@@ -142,6 +127,28 @@ def measure(variant: str, n: int, upstream: str, deadline: float) -> dict[str, o
             except psutil.NoSuchProcess:
                 pass
         proc.wait(30)
+
+
+def _run_load(variant: str, n: int, base: str, deadline: float, pid: int) -> dict[str, object]:
+    cpu0 = cpu_seconds(pid)
+    peak = rss_mb(pid)
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(0.2):
+            peak = max(peak, rss_mb(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = subprocess.run(
+        [sys.executable, str(HERE / "load.py"), f"{base}/api/avatar/list", str(n), str(deadline)],
+        capture_output=True, text=True, check=True,
+    )
+    stop.set()
+    sampler.join()
+    cpu = cpu_seconds(pid) - cpu0
+    res = json.loads(out.stdout)
     lat = res.pop("latencies")
     ok = res["ok"]
     res.update(
@@ -156,8 +163,13 @@ def measure(variant: str, n: int, upstream: str, deadline: float) -> dict[str, o
     return res
 
 
-NAMES = {"a": "(a) Flask + requests, Gunicorn sync ×5 (baseline)", "b": "(b) Flask async + httpx, gthread 2×100",
+NAMES = {"u": "(floor) no forwarder: straight to the upstream", "a": "(a) Flask + requests, Gunicorn sync ×5 (baseline)", "b": "(b) Flask async + httpx, gthread 2×100",
          "c": "(c) ours: gateway, pooled httpx"}
+
+
+def runs_note(r: dict[str, object]) -> str:
+    walls = r.get("runs_wall_s") or []
+    return f" ({', '.join(str(w) for w in walls)})" if len(walls) > 1 else ""  # type: ignore[arg-type]
 
 
 def main() -> int:
@@ -165,7 +177,8 @@ def main() -> int:
     ap.add_argument("--users", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--delay", type=float, default=3.0)
     ap.add_argument("--deadline", type=float, default=45.0, help="a run stops waiting after this long")
-    ap.add_argument("--variants", default="abc")
+    ap.add_argument("--variants", default="abc", help="a, b, c; u = the load generator straight at the upstream")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each (variant, N); the table shows their median")
     args = ap.parse_args()
 
     uport = free_port()
@@ -176,23 +189,28 @@ def main() -> int:
         wait_up(upstream + "/health", upstream_proc)
         for n in args.users:
             for v in args.variants:
-                r = measure(v, n, upstream, args.deadline)
-                results.append(r)
-                print(json.dumps(r), file=sys.stderr, flush=True)
+                runs = []
+                for _ in range(args.repeat):
+                    runs.append(measure(v, n, upstream, args.deadline, upstream_proc.pid))
+                    print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+                runs.sort(key=lambda r: r["wall_s"])
+                median = dict(runs[len(runs) // 2])
+                median["runs_wall_s"] = [round(r["wall_s"], 2) for r in runs]
+                results.append(median)
     finally:
         upstream_proc.terminate()
         upstream_proc.wait(10)
 
     print(f"upstream delay {args.delay:g} s, deadline {args.deadline:g} s per run, load average "
           f"{os.getloadavg()[0]:.2f} at the end\n")
-    print("| N | variant | done | wall s | req/min | × baseline | p50 s | p95 s | CPU s | CPU ms/req | peak RSS MB |")
+    print("| N | variant | done | wall s (runs) | req/min | × baseline | p50 s | p95 s | CPU s | CPU ms/req | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.users:
         base = next((r for r in results if r["n"] == n and r["variant"] == "a"), None)
         for r in (r for r in results if r["n"] == n):
             ratio = f"{r['rpm'] / base['rpm']:.1f}×" if base and base["rpm"] else "–"
             f = lambda x, d=2: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
-            print(f"| {n} | {NAMES[r['variant']]} | {r['ok']}/{n} | {f(r['wall_s'], 1)} | {r['rpm']:.0f} | {ratio} | "
+            print(f"| {n} | {NAMES[r['variant']]} | {r['ok']}/{n} | {f(r['wall_s'], 1)}{runs_note(r)} | {r['rpm']:.0f} | {ratio} | "
                   f"{f(r['p50_s'])} | {f(r['p95_s'])} | {f(r['cpu_s'])} | {f(r['cpu_ms_per_request'])} | "
                   f"{r['peak_rss_mb']:.0f} |")
     out = ROOT / "bench" / "results"
