@@ -28,7 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def avatar_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
     """The avatar service alone: no LLM, VAD or ASR is loaded."""
-    settings = load_settings(services={"role": "avatar"}, avatar={"dir": str(tmp_path_factory.mktemp("av-service"))})
+    settings = load_settings(services={"role": "avatar", "webrtc_max_peers": 1},
+                             avatar={"dir": str(tmp_path_factory.mktemp("av-service"))})
     app = LiveApp(settings).start()
     yield app
     app.stop()
@@ -202,6 +203,8 @@ async def test_webrtc_video_through_the_gateway(gateway: LiveApp, avatar_app: Li
         pixels = frames[-1].to_ndarray(format="rgb24")
         assert pixels.std() > 10  # a picture of the avatar, not a blank frame
         assert len(avatar_app.app.state.avatar_service.peers) == 1
+        full = await c.post("/api/webrtc/offer", json={"type": "offer", "sdp": "v=0"})
+        assert full.status_code == 503 and "at most 1 peers" in full.json()["detail"]
         closed = await c.delete(f"/api/webrtc/peers/{answer['peer']}")
         assert closed.status_code == 200 and closed.json() == {"closed": answer["peer"]}
         assert (await c.delete(f"/api/webrtc/peers/{answer['peer']}")).status_code == 404

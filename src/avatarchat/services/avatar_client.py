@@ -179,7 +179,8 @@ class HttpAvatarService:
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text[:500]
-            status = r.status_code if r.status_code < 500 else 502
+            # 503 (at capacity) keeps its meaning; any other upstream failure is a bad gateway.
+            status = r.status_code if r.status_code < 500 or r.status_code == 503 else 502
             raise AvatarServiceError(status, f"avatar service: {detail}")
         return r
 

@@ -136,6 +136,7 @@ class LLMExecutor:
         self._async: AsyncChannel | None = None
         self._sync: SyncChannel | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
         self._queue: Any = None  # QueueClient, imported on first use (Celery is heavy)
 
     # -- configuration -------------------------------------------------------------------------------
@@ -259,8 +260,9 @@ class LLMExecutor:
         return self._sync
 
     def _thread_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None or self._pool._max_workers != self._config.max_workers:
-            old, self._pool = self._pool, ThreadPoolExecutor(self._config.max_workers, thread_name_prefix="llm-call")
+        if self._pool is None or self._pool_size != self._config.max_workers:
+            self._pool_size = self._config.max_workers
+            old, self._pool = self._pool, ThreadPoolExecutor(self._pool_size, thread_name_prefix="llm-call")
             if old is not None:
                 old.shutdown(wait=False)  # its calls in flight still finish
         return self._pool
