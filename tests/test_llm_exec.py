@@ -16,6 +16,7 @@ import pytest
 
 from avatarchat.config import LLMExecConfig, OpenAIConfig, load_settings
 from avatarchat.engines.llm.base import LLMError
+from avatarchat.services.avatar_client import LocalAvatarService
 from avatarchat.services.llm_exec import MODES, LLMExecutor
 from tests.support.live_app import LiveApp
 from tests.support.openai_server import Behaviour, OpenAITestServer
@@ -207,6 +208,9 @@ def test_llm_endpoints_tasks_admin_and_health(upstream: OpenAITestServer, redis_
         assert health["status"] == "ok" and health["role"] == "all" and health["llm_exec"]["mode"] == "threads"
         deps = httpx.get(base + "/ready", timeout=30).json()["dependencies"]
         assert deps["redis"]["ok"] and deps["llm"]["channel"]["ok"] and deps["avatar_service"]["ok"]
+        # Co-located (role all): the avatar service is called in-process, no HTTP hop.
+        assert deps["avatar_service"]["where"] == "in-process"
+        assert isinstance(app.app.state.avatar_service, LocalAvatarService)
         # An upstream failure is a 502 with the reason.
         upstream.behaviour = Behaviour(status=503)
         r = httpx.post(base + "/api/llm/chat", json={"messages": MESSAGES}, timeout=30)
