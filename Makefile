@@ -10,7 +10,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	$(VENV)/bin/avatarchat serve --host $(HOST) --port $(PORT)
+	bash scripts/run.sh --host $(HOST) --port $(PORT) $(if $(ROLE),--role $(ROLE))
 
 test: setup
 	$(PY) -m pytest --cov=avatarchat --cov-report=term --cov-fail-under=80 $(PYTEST_ARGS)

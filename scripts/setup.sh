@@ -22,7 +22,7 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-apt_install espeak-ng chromium
+apt_install espeak-ng chromium redis-server
 
 # The web app (issue 4): Node 20+ and npm build it; production serves the files, no Node server.
 command -v npm >/dev/null 2>&1 || apt_install nodejs npm

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="start the web app")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--role", choices=["all", "gateway", "avatar"],
+        help="all (default): one process; gateway: API + sessions, forwarding to services.avatar.url; avatar: the avatar service",
+    )
 
     say = sub.add_parser("say", help="render the avatar speaking TEXT to an MP4")
     say.add_argument("text")
@@ -66,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "serve":
-        return _serve(settings, args.host, args.port)
+        if args.role:
+            settings.services.role = args.role
+        return _serve(settings, args.host, args.port, args.config)
     if args.command == "doctor":
         from avatarchat.doctor import run_doctor
 
@@ -76,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     return _render(settings, args.text, args.output, args.avatar, ask_llm=True)
 
 
-def _serve(settings: Settings, host: str | None, port: int | None) -> int:
+def _serve(settings: Settings, host: str | None, port: int | None, config_path: str | None = None) -> int:
     import uvicorn
 
     from avatarchat.logs import setup_logging
     from avatarchat.server.app import create_app
 
     setup_logging(settings.server.log_level, settings.server.log_json)
-    app = create_app(settings)
+    app = create_app(settings, config_path=config_path)
     uvicorn.run(
         app,
         host=host or settings.server.host,

@@ -193,6 +193,45 @@ class SessionConfig(BaseModel):
     memory_ceiling_mb: int = Field(6144, ge=256, description="New sessions are refused above this process RSS.")
 
 
+class AvatarClientConfig(BaseModel):
+    """How the gateway reaches the avatar service: one pooled HTTP client per process."""
+
+    url: str = Field("http://127.0.0.1:8001", description="Avatar service root (role gateway); unused when co-located.")
+    max_connections: int = Field(100, ge=1, description="Connections open at once to the avatar service.")
+    max_keepalive_connections: int = Field(20, ge=0, description="Idle connections kept open for reuse.")
+    keepalive_expiry_s: float = Field(30.0, gt=0, description="Close an idle kept-alive connection after this long.")
+    connect_timeout_s: float = Field(3.0, gt=0, description="TCP connect timeout.")
+    read_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the avatar service's response data.")
+    write_timeout_s: float = Field(30.0, gt=0, description="Longest wait to send a request body.")
+    pool_timeout_s: float = Field(10.0, gt=0, description="Longest wait for a free pooled connection.")
+
+
+class LLMExecConfig(BaseModel):
+    """Seed 001's execution modes for slow LLM calls (the OpenAI-compatible channel in llm.openai)."""
+
+    mode: Literal["asyncio", "threads", "queue"] = Field(
+        "asyncio", description="asyncio (httpx), threads (a pool) or queue (Celery + Redis); switchable at run time."
+    )
+    max_workers: int = Field(8, ge=1, description="Thread pool size in threads mode (seed 001's LLM_MAX_WORKERS).")
+    max_connections: int = Field(100, ge=1, description="Pooled connections to the LLM server (asyncio mode).")
+    timeout_s: float = Field(60.0, gt=0, description="Longest a chat call may take, in every mode.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and result backend (queue mode).")
+    worker_concurrency: int = Field(64, ge=1, description="Threads of the Celery worker that `make run` starts.")
+    redis_retry_s: float = Field(2.0, gt=0, description="After Redis failed, try it again after this long.")
+
+
+class ServicesConfig(BaseModel):
+    role: Literal["all", "gateway", "avatar"] = Field(
+        "all", description="all (one process), gateway (API + sessions, forwards to the avatar service) or avatar."
+    )
+    admin_token: SecretStr = Field(
+        SecretStr(""), description="Bearer token for /admin/*; empty: only loopback clients may call them."
+    )
+    avatar: AvatarClientConfig = AvatarClientConfig()
+    llm: LLMExecConfig = LLMExecConfig()
+    webrtc_max_peers: int = Field(8, ge=1, description="WebRTC peers the avatar service streams to at once.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AVATARCHAT_", env_nested_delimiter="__", extra="forbid")
 
@@ -206,6 +245,7 @@ class Settings(BaseSettings):
     video: VideoConfig = VideoConfig()
     pipeline: PipelineConfig = PipelineConfig()
     session: SessionConfig = SessionConfig()
+    services: ServicesConfig = ServicesConfig()
 
     @field_validator("video")
     @classmethod

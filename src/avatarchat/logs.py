@@ -34,3 +34,5 @@ def setup_logging(level: str = "info", json_format: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request at info: a gateway forwarding thousands a second keeps only its warnings.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))

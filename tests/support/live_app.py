@@ -44,12 +44,12 @@ class LiveApp:
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self._server.serve(sockets=[self._sock]))
 
-    def start(self, ready_timeout: float = 120) -> LiveApp:
+    def start(self, ready_timeout: float = 120, wait_for: str = "/ready") -> LiveApp:
         self._thread.start()
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.http + "/ready", timeout=2).status_code == 200:
+                if httpx.get(self.http + wait_for, timeout=5).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 
 from avatarchat import metrics
@@ -65,6 +65,7 @@ def _whisper(s: Settings) -> ASREngine:
 
 LLM_ENGINES: dict[str, Callable[[Settings], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai, "router": _router}
 TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak}
+PARTS = ("llm", "tts", "vad", "asr", "avatar")
 VAD_ENGINES: dict[str, Callable[[Settings], VADEngine]] = {"silero": _silero}
 ASR_ENGINES: dict[str, Callable[[Settings], ASREngine]] = {"whisper": _whisper}
 
@@ -90,9 +91,10 @@ class Engines:
         except Exception:
             return approx_tokens(text)
 
-    async def start(self, then: Callable[[], Awaitable[object]] | None = None) -> None:
-        """Load every model, in parallel where they are independent, then run ``then`` (more warm-up
-        that needs the models). Sets ``ready`` when all is done, so a first turn never competes with it."""
+    async def start(self, then: Callable[[], Awaitable[object]] | None = None, parts: Collection[str] = PARTS) -> None:
+        """Load every model (or only ``parts``: the avatar service needs no LLM, VAD or ASR), in parallel
+        where they are independent, then run ``then`` (more warm-up that needs the models). Sets
+        ``ready`` when all is done, so a first turn never competes with it."""
         loop = asyncio.get_running_loop()
 
         async def timed(name: str, coro: object) -> None:
@@ -102,13 +104,17 @@ class Engines:
 
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(timed("llm", self.llm.start()))
-                tg.create_task(timed("tts", loop.run_in_executor(self.workers, self.tts.load)))
-                tg.create_task(timed("vad", loop.run_in_executor(None, self.vad.load)))
-                tg.create_task(timed("asr", loop.run_in_executor(self.asr.executor, self.asr.load)))
-                tg.create_task(
-                    timed("avatar", loop.run_in_executor(self.workers, self.avatars.renderer, self.settings.avatar.default))
-                )
+                loads = {
+                    "llm": lambda: self.llm.start(),
+                    "tts": lambda: loop.run_in_executor(self.workers, self.tts.load),
+                    "vad": lambda: loop.run_in_executor(None, self.vad.load),
+                    "asr": lambda: loop.run_in_executor(self.asr.executor, self.asr.load),
+                    "avatar": lambda: loop.run_in_executor(
+                        self.workers, self.avatars.renderer, self.settings.avatar.default
+                    ),
+                }
+                for name in parts:
+                    tg.create_task(timed(name, loads[name]()))
         except* Exception as group:
             self.load_error = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
             log.error("engines failed to load", extra={"error": self.load_error})

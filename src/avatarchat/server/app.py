@@ -16,46 +16,71 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from avatarchat import __version__
 from avatarchat.config import Settings
 from avatarchat.engines.avatar.library import UnknownAvatarError
-from avatarchat.engines.registry import Engines
+from avatarchat.engines.registry import PARTS, TTS_ENGINES, Engines
 from avatarchat.metrics import REGISTRY
 from avatarchat.pipeline.session import SessionManager
 from avatarchat.server.avatar_api import router as avatar_router
 from avatarchat.server.idle import IdleClips
+from avatarchat.server.llm_api import router as llm_router
 from avatarchat.server.monitor import router as monitor_router
-from avatarchat.services.avatar_store import AvatarStore
 from avatarchat.server.ws import router as ws_router
+from avatarchat.services.avatar_client import AvatarService, HttpAvatarService, LocalAvatarService
+from avatarchat.services.avatar_store import AvatarStore
+from avatarchat.services.llm_exec import LLMExecutor
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 WEBAPP = Path(__file__).parent / "webapp"  # the built web app (web/, `npm run build`); not in git
 
 
-def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
+def create_app(settings: Settings, engines: Engines | None = None, config_path: str | Path | None = None) -> FastAPI:
+    role = settings.services.role
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = engines or Engines(settings)
         app.state.engines = eng
         app.state.sessions = SessionManager(settings.session)
         app.state.idle = IdleClips(eng)
-        app.state.avatar_store = AvatarStore(
-            settings.avatar.dir,
-            max_upload_bytes=settings.avatar.max_upload_bytes,
-            max_pixels=settings.avatar.max_upload_pixels,
-        )
+        app.state.llm_exec = LLMExecutor(settings.llm.openai, settings.services.llm,
+                                         max_tokens=settings.llm.max_tokens, temperature=settings.llm.temperature)
+        app.state.llm_exec.attach(asyncio.get_running_loop())
+        store: AvatarStore | None = None
+        service: AvatarService
+        if role == "gateway":
+            service = HttpAvatarService(settings.services.avatar)
+        else:
+            store = AvatarStore(
+                settings.avatar.dir,
+                max_upload_bytes=settings.avatar.max_upload_bytes,
+                max_pixels=settings.avatar.max_upload_pixels,
+            )
+            service = LocalAvatarService(store, eng.avatars, eng.workers, settings.avatar.fps,
+                                         lambda: _tts_info(eng), settings.services.webrtc_max_peers)
+        app.state.avatar_store = store
+        app.state.avatar_service = service
         # Load in the background: /health answers at once, /ready once the models are warm.
-        loader = asyncio.create_task(_load(eng, app.state.idle))
+        # The avatar service needs only its renderer: no LLM, VAD or ASR.
+        parts = ("avatar",) if role == "avatar" else PARTS
+        loader = asyncio.create_task(_load(eng, app.state.idle, parts))
         try:
             yield
         finally:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             await app.state.sessions.close_all()
+            await service.close()
+            await app.state.llm_exec.aclose()
             await eng.close()
-            app.state.avatar_store.close()
+            if store is not None:
+                store.close()
 
     app = FastAPI(title="Avatar Chat", version=__version__, lifespan=lifespan)
     app.state.settings = settings
-    app.include_router(ws_router)
+    app.state.config_path = config_path
+    if role != "avatar":  # sessions (and the models they need) live on the gateway
+        app.include_router(ws_router)
+        app.include_router(llm_router)
     app.include_router(avatar_router)
     if settings.llm.engine == "router" and settings.llm.router.mount_api:
         from avatarchat.router.app import router_routes
@@ -82,8 +107,11 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
     app.mount("/app", StaticFiles(directory=WEBAPP, check_dir=False), name="webapp")
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    async def health() -> dict[str, object]:
+        body: dict[str, object] = {"status": "ok", "version": __version__, "role": role}
+        if (llm := getattr(app.state, "llm_exec", None)) is not None and role != "avatar":
+            body["llm_exec"] = llm.status()
+        return body
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
@@ -97,6 +125,8 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
         }
         if eng.load_error:
             body["error"] = eng.load_error
+        body["role"] = role
+        body["dependencies"] = await _dependencies(app)
         return JSONResponse(body, status_code=200 if eng.ready.is_set() else 503)
 
     @app.get("/metrics", include_in_schema=False)
@@ -122,8 +152,26 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
     return app
 
 
-async def _load(engines: Engines, idle: IdleClips) -> None:
+def _tts_info(engines: Engines) -> dict[str, object]:
+    s = engines.settings.tts
+    return {"engine": s.engine, "engines": sorted(TTS_ENGINES), "voices": engines.tts.voices(), "rate": s.rate}
+
+
+async def _dependencies(app: FastAPI) -> dict[str, object]:
+    """Each dependency's state: the avatar service, and on a gateway the LLM channels and Redis."""
+    role = app.state.settings.services.role
+    eng: Engines = app.state.engines
+    service: AvatarService = app.state.avatar_service
+    if role == "avatar":
+        return {"avatar_service": await service.health()}
+    avatar, remote = await asyncio.gather(service.health(), app.state.llm_exec.dependencies())
+    llm = {"engine": eng.settings.llm.engine, "ok": eng.ready.is_set() and not eng.load_error,
+           "exec": app.state.llm_exec.status(), "channel": remote["llm_channel"]}
+    return {"avatar_service": avatar, "llm": llm, "redis": remote["redis"]}
+
+
+async def _load(engines: Engines, idle: IdleClips, parts: tuple[str, ...] = PARTS) -> None:
     try:
-        await engines.start(then=lambda: idle.get(engines.settings.avatar.default))
+        await engines.start(then=lambda: idle.get(engines.settings.avatar.default), parts=parts)
     except Exception:
         log.exception("start-up failed; /ready stays 503")

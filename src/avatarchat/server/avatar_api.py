@@ -1,18 +1,18 @@
-"""The avatar service API, at seed 000's paths: list, preview, add, delete, start, and the TTS voices."""
+"""The avatar service API, at seed 000's paths: list, preview, add, delete, start, the TTS voices and the
+WebRTC signalling proxy. The work is done by ``app.state.avatar_service``: in-process when co-located,
+over pooled HTTP from a gateway (services/avatar_client.py)."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 from typing import Any
 
-import cv2
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from avatarchat.engines.avatar.library import UnknownAvatarError
-from avatarchat.engines.registry import TTS_ENGINES, Engines
-from avatarchat.services.avatar_store import AvatarStore, AvatarStoreError, check_name
+from avatarchat.services.avatar_client import AvatarService, AvatarServiceError
+from avatarchat.services.webrtc import WebRTCError, check_offer, resolve
 
 router = APIRouter(prefix="/api")
 _CHUNK = 1 << 16
@@ -22,104 +22,98 @@ class NameBody(BaseModel):
     name: str
 
 
-def _engines(request: Request) -> Engines:
-    return request.app.state.engines  # type: ignore[no-any-return]
+def _service(request: Request) -> AvatarService:
+    return request.app.state.avatar_service  # type: ignore[no-any-return]
 
 
-def _store(request: Request) -> AvatarStore:
-    return request.app.state.avatar_store  # type: ignore[no-any-return]
-
-
-def _fail(e: AvatarStoreError) -> HTTPException:
+def _fail(e: AvatarServiceError | WebRTCError) -> HTTPException:
     return HTTPException(e.status, str(e))
 
 
 @router.get("/avatar/list")
 async def list_avatars(request: Request) -> dict[str, Any]:
-    return {"avatars": [a.as_dict() for a in _store(request).list()]}
+    try:
+        return await _service(request).list()
+    except AvatarServiceError as e:
+        raise _fail(e) from e
 
 
 @router.get("/avatar/preview")
 async def preview(request: Request, name: str = Query(...), size: int = Query(256, ge=32, le=512)) -> Response:
-    engines, store = _engines(request), _store(request)
     try:
-        check_name(name)
-    except AvatarStoreError as e:
+        data = await _service(request).preview(name, size)
+    except AvatarServiceError as e:
         raise _fail(e) from e
-    if not store.exists(name):
-        raise HTTPException(404, f"no avatar named {name!r}")
-
-    def thumbnail() -> bytes:
-        frame = engines.avatars.poster(name)
-        small = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
-        if not ok:
-            raise RuntimeError("PNG encoding failed")
-        return png.tobytes()
-
-    try:
-        data = await asyncio.get_running_loop().run_in_executor(engines.workers, thumbnail)
-    except UnknownAvatarError as e:
-        raise HTTPException(404, f"no avatar named {name!r}") from e
     return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
 @router.post("/avatar/add", status_code=201)
 async def add(request: Request, name: str = Form(...), file: UploadFile = File(...)) -> dict[str, Any]:
-    store, engines = _store(request), _engines(request)
+    limit = request.app.state.settings.avatar.max_upload_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > store.max_upload_bytes + 64 * 1024:
-        raise HTTPException(413, f"upload is over the {store.max_upload_bytes}-byte limit")
+    if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise HTTPException(413, f"upload is over the {limit}-byte limit")
     data = bytearray()
     while chunk := await file.read(_CHUNK):
         data += chunk
-        if len(data) > store.max_upload_bytes:
-            raise HTTPException(413, f"upload is over the {store.max_upload_bytes}-byte limit")
+        if len(data) > limit:
+            raise HTTPException(413, f"upload is over the {limit}-byte limit")
     try:
-        info = await asyncio.get_running_loop().run_in_executor(
-            engines.workers, store.add, name, bytes(data), file.filename or "upload"
-        )
-    except AvatarStoreError as e:
+        return await _service(request).add(name, bytes(data), file.filename or "upload")
+    except AvatarServiceError as e:
         raise _fail(e) from e
-    return info.as_dict()
 
 
 @router.post("/avatar/delete")
 async def delete(request: Request, body: NameBody) -> dict[str, Any]:
-    store, engines = _store(request), _engines(request)
     if any(s.avatar == body.name for s in request.app.state.sessions.sessions()):
         raise HTTPException(409, f"avatar {body.name!r} is in use by a session")
     try:
-        await asyncio.get_running_loop().run_in_executor(None, store.delete, body.name)
-    except AvatarStoreError as e:
+        result = await _service(request).delete(body.name)
+    except AvatarServiceError as e:
         raise _fail(e) from e
-    engines.avatars.forget(body.name)
-    request.app.state.idle.forget(body.name)
-    return {"deleted": body.name}
+    # This process's own renderers (its sessions) must not outlive the avatar either.
+    if (engines := getattr(request.app.state, "engines", None)) is not None:
+        engines.avatars.forget(body.name)
+    if (idle := getattr(request.app.state, "idle", None)) is not None:
+        idle.forget(body.name)
+    return result
 
 
 @router.post("/avatar/start")
 async def start(request: Request, body: NameBody) -> dict[str, Any]:
     """Preload an avatar's renderer, so the session that uses it starts at once."""
-    engines, store = _engines(request), _store(request)
     try:
-        check_name(body.name)
-    except AvatarStoreError as e:
+        return await _service(request).start(body.name)
+    except AvatarServiceError as e:
         raise _fail(e) from e
-    if not store.exists(body.name):
-        raise HTTPException(404, f"no avatar named {body.name!r}")
-    renderer = await asyncio.get_running_loop().run_in_executor(engines.workers, engines.avatars.renderer, body.name)
-    width, height = renderer.size
-    return {"name": body.name, "ready": True, "width": width, "height": height, "fps": engines.settings.avatar.fps}
 
 
 @router.get("/tts/models")
 async def tts_models(request: Request) -> dict[str, Any]:
-    engines = _engines(request)
-    s = engines.settings.tts
-    return {
-        "engine": s.engine,
-        "engines": sorted(TTS_ENGINES),
-        "voices": engines.tts.voices(),
-        "rate": s.rate,
-    }
+    try:
+        return await _service(request).tts_models()
+    except AvatarServiceError as e:
+        raise _fail(e) from e
+
+
+@router.api_route("/webrtc/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+async def webrtc(request: Request, path: str) -> dict[str, Any]:
+    """Signalling: only the avatar service's known routes pass (services/webrtc.py's allow-list)."""
+    raw = request.scope.get("raw_path") or request.scope["path"].encode()
+    try:
+        route = resolve(request.method, raw.decode("latin-1"))
+        service = _service(request)
+        if route.kind == "close":
+            assert route.peer_id is not None
+            return await service.webrtc_close(route.peer_id)
+        body = await request.body()
+        if len(body) > 128 * 1024:
+            raise WebRTCError(413, "signalling body is over 128 KiB")
+        try:
+            parsed = json.loads(body)
+        except ValueError as e:
+            raise WebRTCError(400, "the body must be JSON") from e
+        return await service.webrtc_offer(check_offer(parsed))
+    except (AvatarServiceError, WebRTCError) as e:
+        raise _fail(e) from e
