@@ -111,6 +111,12 @@ async def test_router_api_mounted_in_the_main_app(tmp_path: Path, ups: list[Open
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "answer from b ."
             r = await c.get("/router/admin/channels", headers={"authorization": "Bearer t"})
             assert r.status_code == 200 and len(r.json()["channels"]) == 3
+        from avatarchat.server.app import router_channels
+
+        ready = router_channels(engine)  # what /ready shows under dependencies.llm.channels
+        assert ready is not None and {c["name"] for c in ready} == {c["name"] for c in r.json()["channels"]}
+        assert all(set(c) == {"name", "state", "available", "unavailable_reason", "last_error"} for c in ready)
+        assert router_channels(object()) is None
     finally:
         await engine.close()
 

@@ -165,9 +165,20 @@ async def _dependencies(app: FastAPI) -> dict[str, object]:
     if role == "avatar":
         return {"avatar_service": await service.health()}
     avatar, remote = await asyncio.gather(service.health(), app.state.llm_exec.dependencies())
-    llm = {"engine": eng.settings.llm.engine, "ok": eng.ready.is_set() and not eng.load_error,
-           "exec": app.state.llm_exec.status(), "channel": remote["llm_channel"]}
+    llm: dict[str, object] = {"engine": eng.settings.llm.engine, "ok": eng.ready.is_set() and not eng.load_error,
+                              "exec": app.state.llm_exec.status(), "channel": remote["llm_channel"]}
+    if (channels := router_channels(getattr(eng, "llm", None))) is not None:
+        llm["channels"] = channels
     return {"avatar_service": avatar, "llm": llm, "redis": remote["redis"]}
+
+
+def router_channels(llm: object) -> list[dict[str, object]] | None:
+    """With ``llm.engine: router``, each channel's breaker state, for readiness; else None."""
+    router = getattr(llm, "router", None)
+    if router is None:
+        return None
+    keys = ("name", "state", "available", "unavailable_reason", "last_error")
+    return [{k: c[k] for k in keys} for c in router.channels()]
 
 
 async def _load(engines: Engines, idle: IdleClips, parts: tuple[str, ...] = PARTS) -> None:
