@@ -232,3 +232,40 @@ async def test_old_discovery_cache_is_refreshed(tmp_path: Path, ups: list[OpenAI
         assert router.state.generation == 2 and discovery.read_snapshot(cache) == [("a", "new/model-8b", None, None, None)]
     finally:
         await router.close()
+
+
+@pytest.mark.models
+async def test_each_session_picks_its_model_through_the_router(
+    tmp_path: Path, ups: list[OpenAITestServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The web app's LLM setting: with llm.engine router, `session.update` picks any model, alias or tag
+    query a channel serves, for that session only; one no channel serves is refused with the reason."""
+    from tests.support.live_app import LiveApp
+    from tests.test_server import open_client
+
+    monkeypatch.setenv("ROUTER_TEST_ADMIN", "t")
+    path = write(tmp_path / "r.yaml", base_config(ups))
+    settings = load_settings(
+        llm={"engine": "router", "max_tokens": 20, "router": {"config": str(path), "model": "llama-3-70b"}},
+        avatar={"dir": str(tmp_path / "avatars")},
+    )
+    app = LiveApp(settings).start()
+    try:
+        a, b = await open_client(app), await open_client(app)
+        await a.send(type="session.update", llm={"provider": "router", "model": "nope-model"})
+        err = await a.event()
+        assert err["type"] == "error" and err["code"] == "invalid_field" and "nope-model" in err["message"], err
+        await a.send(type="session.update", llm={"provider": "router", "model": "smart"})  # alias of gpt-4o
+        updated = await a.event()
+        assert updated["type"] == "session.updated" and updated["settings"]["llm"]["model"] == "smart", updated
+        offered = {o["model"] for o in updated["settings"]["options"]["llm"]}
+        assert {"llama-3-70b", "smart", "gpt-4o", "shared-model"} <= offered
+        for client, answer in ((a, "answer from b ."), (b, "answer from c .")):
+            await client.send(type="user_text", text="Hello!")
+            done, _ = await client.until("turn_done")
+            assert done["reason"] == "complete" and done["text"] == answer, done
+        assert len(ups[1].requests) == 1 and len(ups[2].requests) == 1 and not ups[0].requests
+        await a.ws.close()
+        await b.ws.close()
+    finally:
+        app.stop()

@@ -18,7 +18,7 @@ import psutil
 
 from avatarchat import metrics
 from avatarchat.config import SessionConfig
-from avatarchat.engines.llm.base import Prefills
+from avatarchat.engines.llm.base import LLMEngine, Prefills
 from avatarchat.pipeline.history import History
 from avatarchat.pipeline.turn import Sender, Turn, TurnError, TurnResult
 from avatarchat.pipeline.voice import VoiceInput
@@ -88,6 +88,7 @@ class Session:
         self.settings = s.model_copy(deep=True)
         self.send = send
         self.avatar = avatar
+        self.llm: LLMEngine = engines.llm  # a session may pick another model through the router (session.update)
         self.history = History(s.llm.system_prompt, s.llm.history_token_budget, engines.count_tokens)
         self._turn_ids = 0
         self._frame = 0
@@ -153,7 +154,7 @@ class Session:
             turn_id=self._turn_ids,
             user_text=text,
             settings=self.settings,
-            llm=self.engines.llm,
+            llm=self.llm,
             tts=self.engines.tts,
             renderer=self.engines.avatars.renderer(self.avatar),
             history=self.history,

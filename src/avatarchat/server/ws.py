@@ -14,6 +14,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from avatarchat import metrics
 from avatarchat.engines.avatar.library import UnknownAvatarError
+from avatarchat.engines.llm.base import LLMEngine, LLMError, Routable
 from avatarchat.engines.registry import Engines
 from avatarchat.engines.video.fmp4 import mime_for
 from avatarchat.pipeline.session import Session, SessionLimitError, SessionManager
@@ -119,23 +120,32 @@ def session_settings(session: Session) -> dict[str, Any]:
         "silence_ms": s.voice.silence_ms,
         "voice": engines.tts.voices()[0],
         "language": s.asr.language or "auto",
-        "llm": {"provider": s.llm.engine, "model": llm_model(engines)},
+        "llm": {"provider": s.llm.engine, "model": llm_model(engines, session.llm)},
         "avatar": session.avatar,
         "options": {
             "voices": engines.tts.voices(),
             "languages": [s.asr.language or "auto"],
-            "llm": [{"provider": s.llm.engine, "model": llm_model(engines)}],
+            "llm": [{"provider": s.llm.engine, "model": m} for m in llm_models(engines)],
             "avatars": engines.avatars.names(),
         },
     }
 
 
-def llm_model(engines: Engines) -> str:
+def llm_model(engines: Engines, llm: object = None) -> str:
     s = engines.settings.llm
     if s.engine == "openai":
         return s.openai.model
+    if isinstance(llm or engines.llm, Routable):
+        return (llm or engines.llm).model  # type: ignore[union-attr]
     path = getattr(engines.llm, "model_path", None)
     return path.stem if path is not None else "default"
+
+
+def llm_models(engines: Engines) -> list[str]:
+    """The models a session may pick: through the router, every configured one; else the one loaded."""
+    if isinstance(engines.llm, Routable):
+        return engines.llm.offered_models()
+    return [llm_model(engines)]
 
 
 async def configure(session: Session, event: dict[str, Any]) -> None:
@@ -150,9 +160,20 @@ async def configure(session: Session, event: dict[str, Any]) -> None:
             "invalid_field", f"language {language!r} is not available; the speech recognizer is set up for {current['language']!r}"
         )
     llm = event.get("llm")
+    routed: LLMEngine | None = None
     if llm is not None:
         offered = current["llm"]
-        if llm.get("provider", offered["provider"]) != offered["provider"] or llm.get("model", offered["model"]) != offered["model"]:
+        provider, model = llm.get("provider", offered["provider"]), llm.get("model", offered["model"])
+        if isinstance(engines.llm, Routable) and provider == offered["provider"]:
+            # Any model, alias or tag query that a channel can serve now (checked, not just listed).
+            if len(model) > 200:
+                raise ProtocolError("invalid_field", "llm.model is over 200 characters")
+            try:
+                await engines.llm.check_model(model)
+            except LLMError as e:
+                raise ProtocolError("invalid_field", str(e)) from e
+            routed = engines.llm.with_model(model)
+        elif provider != offered["provider"] or model != offered["model"]:
             raise ProtocolError(
                 "invalid_field", f"LLM {llm.get('provider')}/{llm.get('model')} is not available; this server runs "
                 f"{offered['provider']}/{offered['model']}"
@@ -166,6 +187,8 @@ async def configure(session: Session, event: dict[str, Any]) -> None:
         except UnknownAvatarError as e:
             raise ProtocolError("invalid_field", f"no avatar named {avatar[:64]!r}") from e
         session.avatar = avatar
+    if routed is not None:
+        session.llm = routed
     if "rate" in event:
         session.settings.tts.rate = float(event["rate"])
     if "silence_ms" in event:

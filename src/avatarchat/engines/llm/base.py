@@ -46,3 +46,20 @@ class Prefills(Protocol):
     """A local engine that can evaluate a conversation's history ahead of the next message."""
 
     async def prefill(self, messages: list[dict[str, str]]) -> None: ...
+
+
+@runtime_checkable
+class Routable(Protocol):
+    """An engine over several models (the LLM router): each session may pick its own."""
+
+    @property
+    def model(self) -> str: ...
+
+    def with_model(self, model: str) -> LLMEngine:
+        """A view of the engine asking for ``model``; it shares everything else."""
+        ...
+
+    def offered_models(self) -> list[str]: ...
+
+    async def check_model(self, model: str) -> None:
+        """Raise LLMError saying why, if ``model`` can't be served now."""

@@ -5,6 +5,7 @@ base_url."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +27,7 @@ class RouterEngine:
         self._conf = settings.llm.router
         self._local: Any = local
         self.router: Router | None = None
+        self._view = False
 
     async def start(self) -> None:
         if self.router is not None:
@@ -47,7 +49,38 @@ class RouterEngine:
         router.install_sighup()
         self.router = router
 
+    def with_model(self, model: str) -> RouterEngine:
+        """A view of this engine that asks the router for ``model`` (a model, alias or tag query): one
+        session's choice. It shares the router and the local model; only the owner closes them."""
+        view = copy.copy(self)
+        view._conf = self._conf.model_copy(update={"model": model})
+        view._view = True
+        return view
+
+    @property
+    def model(self) -> str:
+        return self._conf.model
+
+    def offered_models(self) -> list[str]:
+        """What a person can pick: the configured default, the aliases and each channel's listed models."""
+        if self.router is None:
+            return [self._conf.model]
+        cfg = self.router.state.config
+        listed = [m for ch in cfg.channels if ch.enabled for m in ch.models if m != "*"]
+        return list(dict.fromkeys([self._conf.model, *cfg.aliases, *listed]))
+
+    async def check_model(self, model: str) -> None:
+        """Raise LLMError saying why, if no channel can serve ``model`` now."""
+        if self.router is None:
+            raise LLMError("LLM router not started")
+        try:
+            await self.router.plan(model, self._conf.strategy)
+        except (RouteError, QueryError) as e:
+            raise LLMError(f"LLM router: {getattr(e, 'message', e)}") from e
+
     async def close(self) -> None:
+        if self._view:
+            return
         if self.router is not None:
             await self.router.close()
             self.router = None
