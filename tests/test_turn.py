@@ -136,3 +136,46 @@ async def test_cancel_keeps_only_spoken_pieces_in_history(upstream: OpenAITestSe
     spoken = history.turns[-1].content
     assert spoken.startswith("First piece here,")
     assert len(spoken) < len(turn.reply) < len(upstream.behaviour.reply)
+
+
+class HeldLLM:
+    """An LLM that shares the CPU (SharesCPU): records whether it was held."""
+
+    def __init__(self, inner: OpenAIEngine) -> None:
+        self.inner, self.name, self.holds = inner, "held", 0
+        self.stream, self.count_tokens = inner.stream, inner.count_tokens
+
+    def hold(self) -> None:
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds -= 1
+
+
+async def test_the_llm_yields_the_cores_to_the_first_pieces_speech(upstream: OpenAITestServer, parts: Any) -> None:
+    upstream.behaviour.reply = "Sure thing, here we go now. This is the second sentence! And a third one? And more."
+    upstream.behaviour.token_delay_s = 0.005
+    settings = load_settings()
+    assert settings.pipeline.eager_pieces == 2
+    piper = parts[0]
+    held_during: list[tuple[str, int]] = []
+    llm: HeldLLM | None = None
+
+    class Spy:
+        sample_rate = piper.sample_rate
+
+        def synthesize(self, text: str, *, rate: float = 1.0) -> Any:
+            assert llm is not None
+            held_during.append((text, llm.holds))
+            return piper.synthesize(text, rate=rate)
+
+    rec = Recorder()
+    turn, inner = make_turn(settings, upstream, parts, rec, History("sys", 500), tts=Spy())
+    llm = HeldLLM(inner)
+    turn._llm = llm  # type: ignore[assignment]
+    result = await turn.run()
+    await inner.close()
+    assert result.reason == "complete" and len(held_during) >= 4
+    # Held while the first two pieces are synthesized, not for the later ones; never left held.
+    assert [h for _, h in held_during] == [1, 1] + [0] * (len(held_during) - 2), held_during
+    assert llm.holds == 0

@@ -183,17 +183,23 @@ class Turn:
             metrics.STAGE_SECONDS.labels("tts").observe(time.perf_counter() - start)
             return timeline.prepare(speech)
 
+        index = 0
         while (text := await inp.get()) is not None:
             spoken = speakable(text)
             if not spoken:
                 continue
-            if "first_audio" not in self.timings and isinstance(self._llm, SharesCPU) and not self._llm_held:
-                self._llm.hold()  # the cores go to the first piece's speech and frames
+            # The cores go to the speech of the first pieces, which the listener is waiting for: the LLM
+            # is far ahead of speech anyway. The first piece's hold lasts until its first frame is out.
+            if index < self._s.pipeline.eager_pieces and isinstance(self._llm, SharesCPU) and not self._llm_held:
+                self._llm.hold()
                 self._llm_held = True
             try:
                 piece = await loop.run_in_executor(self._workers, synth, spoken)
             except TTSError as e:
                 raise TurnError("tts_failed", str(e)) from e
+            if index > 0:
+                self._release_llm()
+            index += 1
             self._mark("first_audio")
             await out.put(piece)
         await out.put(None)
