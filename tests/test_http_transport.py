@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509  # installed with aiortc
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from avatarchat.net.http_transport import PAUSE_READING_AT, HttpTransport
 from tests.support.openai_server import Behaviour, OpenAITestServer
@@ -327,12 +332,6 @@ async def test_expired_idle_connections_are_not_reused() -> None:
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -40,7 +40,7 @@ class _Conn(asyncio.Protocol):
         self.pool, self.origin = pool, origin
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.busy = False  # a request is in flight
+        self.busy = self.done = False  # a request is in flight; its response is complete
         self.in_pool = False  # idle, in the pool
         self.idle_since = 0.0
         self._write_paused = False
