@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 import httpx
 
+from avatarchat.net.http_transport import HttpTransport
 from avatarchat.router import sse
 from avatarchat.router.config import RetryConfig
-from avatarchat.router.transport import LeanTransport
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 CLIENT_STATUS = frozenset({400, 413, 422})  # the request itself is wrong: another channel won't help
@@ -101,10 +101,11 @@ def _wrap(e: httpx.HTTPError) -> UpstreamError:
 class HttpUpstream:
     def __init__(self, retry: RetryConfig, transport: str = "httptools") -> None:
         self.retry = retry
+        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=512, keepalive_expiry=30)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(retry.request_timeout_s, connect=retry.connect_timeout_s),
-            transport=LeanTransport() if transport == "httptools" else None,
-            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512, keepalive_expiry=30),
+            transport=HttpTransport(limits) if transport == "httptools" else None,
+            limits=limits,
             headers={"accept-encoding": "identity"},  # SSE is relayed as is: no compressed bodies
             trust_env=False,
             follow_redirects=False,

@@ -21,11 +21,12 @@ import numpy as np
 
 from avatarchat.config import AvatarClientConfig
 from avatarchat.engines.avatar.library import AvatarLibrary, UnknownAvatarError
-from avatarchat.services.http_pool import PooledTransport
+from avatarchat.net.http_transport import HttpTransport
 from avatarchat.services.avatar_store import AvatarStore, AvatarStoreError, check_name
 from avatarchat.services.webrtc import PeerManager, WebRTCError
 
 T = TypeVar("T")
+MAX_RESPONSE_BODY = 64 * 1024 * 1024  # an avatar service answer larger than this is an error, not buffered
 
 
 class AvatarServiceError(Exception):
@@ -158,8 +159,8 @@ class HttpAvatarService:
                 connect=config.connect_timeout_s, read=config.read_timeout_s,
                 write=config.write_timeout_s, pool=config.pool_timeout_s,
             ),
-            # httpcore's pool slows down badly with hundreds of requests in flight (http_pool.py).
-            transport=transport or PooledTransport(limits),
+            # httpcore's pool slows down badly with hundreds of requests in flight (net/http_transport.py).
+            transport=transport or HttpTransport(limits, max_body=MAX_RESPONSE_BODY),
             follow_redirects=False,  # a redirect must not carry the gateway somewhere else
         )
 
