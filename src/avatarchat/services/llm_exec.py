@@ -60,6 +60,12 @@ def _reply(r: httpx.Response) -> str:
         raise LLMError(f"LLM server sent an unexpected answer: {r.text[:200]!r}") from e
 
 
+# Below the shortest common server keep-alive timeout (uvicorn and Node: 5 s). httpx's default is also
+# 5 s, so a POST could go out on a connection the server was closing at that moment, and httpx does not
+# resend a POST: a lost request (seen in tests/test_llm_exec.py).
+KEEPALIVE_EXPIRY_S = 2.0
+
+
 class SyncChannel:
     """Blocking chat calls (threads mode and the Celery worker); one pooled client, thread-safe."""
 
@@ -67,7 +73,8 @@ class SyncChannel:
         self._cfg = cfg
         self._client = httpx.Client(
             base_url=cfg.base_url.rstrip("/") + "/", headers=_headers(cfg), timeout=_timeout(cfg, exec_cfg.timeout_s),
-            limits=httpx.Limits(max_connections=max(exec_cfg.max_workers, exec_cfg.worker_concurrency)),
+            limits=httpx.Limits(max_connections=max(exec_cfg.max_workers, exec_cfg.worker_concurrency),
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> str:
@@ -86,7 +93,8 @@ class AsyncChannel:
         self._cfg = cfg
         self._client = httpx.AsyncClient(
             base_url=cfg.base_url.rstrip("/") + "/", headers=_headers(cfg), timeout=_timeout(cfg, exec_cfg.timeout_s),
-            limits=httpx.Limits(max_connections=exec_cfg.max_connections, max_keepalive_connections=32),
+            limits=httpx.Limits(max_connections=exec_cfg.max_connections, max_keepalive_connections=32,
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     async def chat(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> str:

@@ -28,7 +28,8 @@ class OpenAIEngine:
             base_url=config.base_url.rstrip("/") + "/",
             timeout=timeout,
             headers=headers,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            # Expire idle connections before the server does (see services/llm_exec.py).
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=2.0),
             transport=transport,
         )
 
