@@ -255,6 +255,9 @@ async def test_each_session_picks_its_model_through_the_router(
         await a.send(type="session.update", llm={"provider": "router", "model": "nope-model"})
         err = await a.event()
         assert err["type"] == "error" and err["code"] == "invalid_field" and "nope-model" in err["message"], err
+        await a.send(type="session.update", llm={"provider": "router", "model": "x" * 201})
+        err = await a.event()
+        assert err["type"] == "error" and err["code"] == "invalid_field" and "200 characters" in err["message"], err
         await a.send(type="session.update", llm={"provider": "router", "model": "smart"})  # alias of gpt-4o
         updated = await a.event()
         assert updated["type"] == "session.updated" and updated["settings"]["llm"]["model"] == "smart", updated

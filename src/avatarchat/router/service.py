@@ -312,9 +312,7 @@ class Router:
 
     async def plan(self, model: str, strategy: str | None) -> tuple[State, Query, str, list[Candidate]]:
         state = self.state
-        strategy = strategy or state.config.strategy
-        if strategy not in STRATEGIES:
-            raise QueryError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+        strategy = _strategy(state, strategy)
         q = self.parse(model, state)
         groups = self._groups(state, q, strategy)
         if not groups and not state.index.complete.is_set():
@@ -355,9 +353,7 @@ class Router:
 
     def explain(self, model: str, strategy: str | None = None, limit: int = 50) -> dict[str, object]:
         state = self.state
-        strategy = strategy or state.config.strategy
-        if strategy not in STRATEGIES:
-            raise QueryError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+        strategy = _strategy(state, strategy)
         q = self.parse(model, state)
         groups = self._groups(state, q, strategy)
         excluded: dict[str, str] = {}
@@ -410,3 +406,11 @@ class Router:
                 "max_loop_lag_ms": round(self.max_loop_lag_ms, 3) if s.config.loop_lag_probe else None,
                 "max_loop_cpu_ms": round(self.max_loop_cpu_ms, 3) if s.config.loop_lag_probe else None,
                 "uptime_s": round(time.monotonic() - self.started_at, 3)}
+
+
+def _strategy(state: State, strategy: str | None) -> str:
+    """The request's strategy, else the config's; QueryError for an unknown one."""
+    strategy = strategy or state.config.strategy
+    if strategy not in STRATEGIES:
+        raise QueryError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+    return strategy

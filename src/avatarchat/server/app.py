@@ -19,14 +19,15 @@ from avatarchat.engines.avatar.library import UnknownAvatarError
 from avatarchat.engines.registry import PARTS, TTS_ENGINES, Engines
 from avatarchat.metrics import REGISTRY
 from avatarchat.pipeline.session import SessionManager
-from avatarchat.server.avatar_api import router as avatar_router
+from avatarchat.server.avatar_api import router as avatar_router, service_error
 from avatarchat.server.idle import IdleClips
 from avatarchat.server.llm_api import router as llm_router
 from avatarchat.server.monitor import router as monitor_router
 from avatarchat.server.ws import router as ws_router
-from avatarchat.services.avatar_client import AvatarService, HttpAvatarService, LocalAvatarService
+from avatarchat.services.avatar_client import AvatarService, AvatarServiceError, HttpAvatarService, LocalAvatarService
 from avatarchat.services.avatar_store import AvatarStore
 from avatarchat.services.llm_exec import LLMExecutor
+from avatarchat.services.webrtc import WebRTCError
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -82,6 +83,8 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         app.include_router(ws_router)
         app.include_router(llm_router)
     app.include_router(avatar_router)
+    app.add_exception_handler(AvatarServiceError, service_error)
+    app.add_exception_handler(WebRTCError, service_error)
     if settings.llm.engine == "router" and settings.llm.router.mount_api:
         from avatarchat.router.app import router_routes
 

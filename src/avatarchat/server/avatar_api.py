@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from avatarchat.services.avatar_client import AvatarService, AvatarServiceError
@@ -26,24 +26,20 @@ def _service(request: Request) -> AvatarService:
     return request.app.state.avatar_service  # type: ignore[no-any-return]
 
 
-def _fail(e: AvatarServiceError | WebRTCError) -> HTTPException:
-    return HTTPException(e.status, str(e))
+async def service_error(_request: Request, e: Exception) -> JSONResponse:
+    """The app's handler for AvatarServiceError and WebRTCError: their status and message, as HTTPException would."""
+    assert isinstance(e, (AvatarServiceError, WebRTCError))
+    return JSONResponse({"detail": str(e)}, status_code=e.status)
 
 
 @router.get("/avatar/list")
 async def list_avatars(request: Request) -> dict[str, Any]:
-    try:
-        return await _service(request).list()
-    except AvatarServiceError as e:
-        raise _fail(e) from e
+    return await _service(request).list()
 
 
 @router.get("/avatar/preview")
 async def preview(request: Request, name: str = Query(...), size: int = Query(256, ge=32, le=512)) -> Response:
-    try:
-        data = await _service(request).preview(name, size)
-    except AvatarServiceError as e:
-        raise _fail(e) from e
+    data = await _service(request).preview(name, size)
     return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
@@ -58,20 +54,14 @@ async def add(request: Request, name: str = Form(...), file: UploadFile = File(.
         data += chunk
         if len(data) > limit:
             raise HTTPException(413, f"upload is over the {limit}-byte limit")
-    try:
-        return await _service(request).add(name, bytes(data), file.filename or "upload")
-    except AvatarServiceError as e:
-        raise _fail(e) from e
+    return await _service(request).add(name, bytes(data), file.filename or "upload")
 
 
 @router.post("/avatar/delete")
 async def delete(request: Request, body: NameBody) -> dict[str, Any]:
     if any(s.avatar == body.name for s in request.app.state.sessions.sessions()):
         raise HTTPException(409, f"avatar {body.name!r} is in use by a session")
-    try:
-        result = await _service(request).delete(body.name)
-    except AvatarServiceError as e:
-        raise _fail(e) from e
+    result = await _service(request).delete(body.name)
     # This process's own renderers (its sessions) must not outlive the avatar either.
     if (engines := getattr(request.app.state, "engines", None)) is not None:
         engines.avatars.forget(body.name)
@@ -83,37 +73,28 @@ async def delete(request: Request, body: NameBody) -> dict[str, Any]:
 @router.post("/avatar/start")
 async def start(request: Request, body: NameBody) -> dict[str, Any]:
     """Preload an avatar's renderer, so the session that uses it starts at once."""
-    try:
-        return await _service(request).start(body.name)
-    except AvatarServiceError as e:
-        raise _fail(e) from e
+    return await _service(request).start(body.name)
 
 
 @router.get("/tts/models")
 async def tts_models(request: Request) -> dict[str, Any]:
-    try:
-        return await _service(request).tts_models()
-    except AvatarServiceError as e:
-        raise _fail(e) from e
+    return await _service(request).tts_models()
 
 
 @router.api_route("/webrtc/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def webrtc(request: Request, path: str) -> dict[str, Any]:
     """Signalling: only the avatar service's known routes pass (services/webrtc.py's allow-list)."""
     raw = request.scope.get("raw_path") or request.scope["path"].encode()
+    route = resolve(request.method, raw.decode("latin-1"))
+    service = _service(request)
+    if route.kind == "close":
+        assert route.peer_id is not None
+        return await service.webrtc_close(route.peer_id)
+    body = await request.body()
+    if len(body) > 128 * 1024:
+        raise WebRTCError(413, "signalling body is over 128 KiB")
     try:
-        route = resolve(request.method, raw.decode("latin-1"))
-        service = _service(request)
-        if route.kind == "close":
-            assert route.peer_id is not None
-            return await service.webrtc_close(route.peer_id)
-        body = await request.body()
-        if len(body) > 128 * 1024:
-            raise WebRTCError(413, "signalling body is over 128 KiB")
-        try:
-            parsed = json.loads(body)
-        except ValueError as e:
-            raise WebRTCError(400, "the body must be JSON") from e
-        return await service.webrtc_offer(check_offer(parsed))
-    except (AvatarServiceError, WebRTCError) as e:
-        raise _fail(e) from e
+        parsed = json.loads(body)
+    except ValueError as e:
+        raise WebRTCError(400, "the body must be JSON") from e
+    return await service.webrtc_offer(check_offer(parsed))
