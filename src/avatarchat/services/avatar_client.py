@@ -27,12 +27,32 @@ from avatarchat.services.webrtc import PeerManager, WebRTCError
 
 T = TypeVar("T")
 MAX_RESPONSE_BODY = 64 * 1024 * 1024  # an avatar service answer larger than this is an error, not buffered
+# A relayed answer goes to the client as it is, so it must come unencoded (identity).
+_RELAY_HEADERS = {"Accept": "*/*", "Accept-Encoding": "identity", "User-Agent": "avatarchat-gateway"}
 
 
 class AvatarServiceError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _unreachable(e: httpx.HTTPError) -> AvatarServiceError:
+    if isinstance(e, httpx.TimeoutException):
+        return AvatarServiceError(504, f"avatar service timed out ({type(e).__name__})")
+    return AvatarServiceError(502, f"avatar service unreachable: {type(e).__name__}: {e}")
+
+
+def _failed(r: httpx.Response) -> AvatarServiceError:
+    """An avatar service error answer (read) as the error the gateway answers with."""
+    try:
+        body = r.json()
+        detail = body.get("detail", r.text) if isinstance(body, dict) else r.text[:500]
+    except ValueError:
+        detail = r.text[:500]
+    # 503 (at capacity) keeps its meaning; any other upstream failure is a bad gateway.
+    status = r.status_code if r.status_code < 500 or r.status_code == 503 else 502
+    return AvatarServiceError(status, f"avatar service: {detail}")
 
 
 class AvatarService(Protocol):
@@ -152,6 +172,7 @@ class HttpAvatarService:
             max_keepalive_connections=config.max_keepalive_connections,
             keepalive_expiry=config.keepalive_expiry_s,
         )
+        self._transport = transport or HttpTransport(limits, max_body=MAX_RESPONSE_BODY)
         self._client = httpx.AsyncClient(
             base_url=self.url,
             limits=limits,
@@ -160,9 +181,11 @@ class HttpAvatarService:
                 write=config.write_timeout_s, pool=config.pool_timeout_s,
             ),
             # httpcore's pool slows down badly with hundreds of requests in flight (net/http_transport.py).
-            transport=transport or HttpTransport(limits, max_body=MAX_RESPONSE_BODY),
+            transport=self._transport,
             follow_redirects=False,  # a redirect must not carry the gateway somewhere else
         )
+        self._relay_requests: dict[str, httpx.Request] = {}
+        self._timeouts = {"timeout": self._client.timeout.as_dict()}
 
     @property
     def closed(self) -> bool:
@@ -171,18 +194,41 @@ class HttpAvatarService:
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             r = await self._client.request(method, path, **kwargs)
-        except httpx.TimeoutException as e:
-            raise AvatarServiceError(504, f"avatar service timed out ({type(e).__name__})") from e
         except httpx.HTTPError as e:
-            raise AvatarServiceError(502, f"avatar service unreachable: {type(e).__name__}: {e}") from e
+            raise _unreachable(e) from e
+        if r.status_code >= 400:
+            raise _failed(r)
+        return r
+
+    async def relay(self, path: str, query: bytes = b"") -> httpx.Response:
+        """GET ``path`` for a caller that streams the answer on as it is (server/relay.py); it must close it.
+
+        It goes through the client's own transport: the same pool, limits and timeouts, without the
+        client's auth, redirect and cookie steps, which a fixed internal GET does not use. The request
+        (URL, headers) is built once per path: with a thousand requests in flight, building and parsing
+        it per call was a good part of the gateway's CPU per relayed request (bench/forwarding).
+        """
+        if query:
+            request = httpx.Request("GET", self._client.base_url.join(path).copy_with(query=query),
+                                    headers=_RELAY_HEADERS, extensions=self._timeouts)
+        else:
+            request = self._relay_requests.get(path)  # sent as is, never changed: safe to share
+            if request is None:
+                request = httpx.Request("GET", self._client.base_url.join(path), headers=_RELAY_HEADERS,
+                                        extensions=self._timeouts)
+                self._relay_requests[path] = request
+        try:
+            r = await self._transport.handle_async_request(request)
+        except httpx.HTTPError as e:
+            raise _unreachable(e) from e
         if r.status_code >= 400:
             try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text[:500]
-            # 503 (at capacity) keeps its meaning; any other upstream failure is a bad gateway.
-            status = r.status_code if r.status_code < 500 or r.status_code == 503 else 502
-            raise AvatarServiceError(status, f"avatar service: {detail}")
+                await r.aread()
+            except httpx.HTTPError as e:
+                raise _unreachable(e) from e
+            finally:
+                await r.aclose()
+            raise _failed(r)
         return r
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
