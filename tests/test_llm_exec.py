@@ -207,7 +207,7 @@ def test_llm_endpoints_tasks_admin_and_health(upstream: OpenAITestServer, redis_
         health = httpx.get(base + "/health").json()
         assert health["status"] == "ok" and health["role"] == "all" and health["llm_exec"]["mode"] == "threads"
         deps = httpx.get(base + "/ready", timeout=30).json()["dependencies"]
-        assert deps["redis"]["ok"] and deps["llm"]["channel"]["ok"] and deps["avatar_service"]["ok"]
+        assert deps["redis"]["ok"] and deps["llm"]["exec"]["channel"]["ok"] and deps["avatar_service"]["ok"]
         # Co-located (role all): the avatar service is called in-process, no HTTP hop.
         assert deps["avatar_service"]["where"] == "in-process"
         assert isinstance(app.app.state.avatar_service, LocalAvatarService)

@@ -120,7 +120,7 @@ def test_one_pooled_client_with_the_configured_limits(gateway: LiveApp) -> None:
 def test_gateway_ready_reports_its_dependencies(gateway: LiveApp) -> None:
     deps = httpx.get(gateway.http + "/ready", timeout=30).json()["dependencies"]
     assert deps["avatar_service"]["ok"] is True and deps["avatar_service"]["where"].startswith("http://127.0.0.1:")
-    assert deps["llm"]["engine"] == "openai" and deps["llm"]["channel"]["ok"] is True
+    assert deps["llm"]["engine"] == "openai" and deps["llm"]["exec"]["channel"]["ok"] is True
     assert deps["llm"]["exec"]["mode"] == "asyncio"
     assert deps["redis"]["ok"] is False and deps["redis"]["required"] is False  # none configured here
 

@@ -174,8 +174,10 @@ async def _dependencies(app: FastAPI) -> dict[str, object]:
     if role == "avatar":
         return {"avatar_service": await service.health()}
     avatar, remote = await asyncio.gather(service.health(), app.state.llm_exec.dependencies())
+    # "exec" is the /api/llm endpoints' path (execution modes) to llm.openai: its channel is probed even
+    # when the sessions' engine is local, and is reported there, apart from the engine's own state.
     llm: dict[str, object] = {"engine": eng.settings.llm.engine, "ok": eng.ready.is_set() and not eng.load_error,
-                              "exec": app.state.llm_exec.status(), "channel": remote["llm_channel"]}
+                              "exec": {**app.state.llm_exec.status(), "channel": remote["llm_channel"]}}
     if (channels := router_channels(getattr(eng, "llm", None))) is not None:
         llm["channels"] = channels
     return {"avatar_service": avatar, "llm": llm, "redis": remote["redis"]}
