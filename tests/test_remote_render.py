@@ -301,6 +301,23 @@ def test_render_stream_limit_and_idle_expiry(avatar_service: AvatarProcess) -> N
     assert gone.status_code == 404 and "expired" in gone.json()["detail"]
 
 
+async def test_a_full_avatar_service_fails_the_turn_not_the_session(gateway: LiveApp, avatar_service: AvatarProcess,
+                                                                    upstream: OpenAITestServer) -> None:
+    ids = [open_stream(avatar_service).json()["id"] for _ in range(MAX_STREAMS)]
+    c = await open_client(gateway)
+    try:
+        await c.send(type="user_text", text="Hello")
+        err, _ = await c.until("error", timeout=20)
+        assert err["code"] == "render_busy" and f"limit of {MAX_STREAMS}" in err["message"] and not err["fatal"]
+        assert (await c.until("turn_done", timeout=10))[0]["reason"] == "error"
+    finally:
+        for sid in ids:
+            httpx.delete(avatar_service.http + f"/api/render/{sid}")
+    done, _ = await turn(c)
+    assert done["reason"] == "complete"
+    await c.ws.close()
+
+
 # -- the avatar service goes away (last: it kills the module's service, then starts it again) -----
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from avatarchat import metrics
 from avatarchat.config import RenderServiceConfig
 from avatarchat.engines.avatar.library import UnknownAvatarError
 from avatarchat.pipeline.avatar_media import MediaError
@@ -44,7 +45,10 @@ class RemoteStream:
         if self.closed:
             raise MediaError("render_failed", "the stream is closed")
         headers, body = pack_batch(mouth, first_frame, audio)
+        started = time.perf_counter()
         r = await self._owner.request("POST", f"/api/render/{self.id}/batch", content=body, headers=headers)
+        # The round trip, rendering included; the frames themselves are counted by the avatar service.
+        metrics.STAGE_SECONDS.labels("render_call").observe(time.perf_counter() - started)
         self._frames(r)
         return r.content
 
