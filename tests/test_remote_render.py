@@ -81,18 +81,26 @@ class AvatarProcess:
                 self.proc.wait(10)
 
     def status(self) -> dict[str, int]:
-        return httpx.get(self.http + "/api/render/status", timeout=5).json()  # type: ignore[no-any-return]
+        return render_status(self.http)
 
     def frames_metric(self) -> float:
         text = httpx.get(self.http + "/metrics", timeout=5).text
         return float(next(line.split()[1] for line in text.splitlines() if line.startswith("avatarchat_frames_total ")))
 
     def wait_streams(self, n: int, timeout: float = 8) -> dict[str, int]:
-        deadline = time.monotonic() + timeout
-        while (status := self.status())["streams"] != n:
-            assert time.monotonic() < deadline, status
-            time.sleep(0.05)
-        return status
+        return wait_streams(self.http, n, timeout)
+
+
+def render_status(base: str) -> dict[str, int]:
+    return httpx.get(base + "/api/render/status", timeout=5).json()  # type: ignore[no-any-return]
+
+
+def wait_streams(base: str, n: int, timeout: float = 8) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while (status := render_status(base))["streams"] != n:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    return status
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +108,18 @@ def avatar_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AvatarP
     service = AvatarProcess(tmp_path_factory.mktemp("render-avatars")).start()
     yield service
     service.stop()
+
+
+@pytest.fixture(scope="module")
+def render_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
+    """An avatar service in this process, with small limits, for the render API's hardening."""
+    settings = load_settings(
+        services={"role": "avatar", "render": {"max_streams": MAX_STREAMS, "idle_expiry_s": 1.0,
+                                               "max_batch_frames": 50, "max_batch_samples": 100000}},
+        avatar={"dir": str(tmp_path_factory.mktemp("render-app"))})
+    app = LiveApp(settings).start()
+    yield app
+    app.stop()
 
 
 @pytest.fixture(scope="module")
@@ -239,19 +259,20 @@ async def test_stop_during_a_remote_turn_frees_the_stream(gateway: LiveApp, avat
 # -- the render API's hardening, called directly ---------------------------------------------------
 
 
-def open_stream(service: AvatarProcess, **body: object) -> httpx.Response:
-    return httpx.post(service.http + "/api/render/open", json={"avatar": "default", "audio_rate": 22050, **body},
+def open_stream(base: str, **body: object) -> httpx.Response:
+    return httpx.post(base + "/api/render/open", json={"avatar": "default", "audio_rate": 22050, **body},
                       timeout=30)
 
 
-def test_render_api_refuses_bad_requests(avatar_service: AvatarProcess) -> None:
-    a = avatar_service.http
-    assert open_stream(avatar_service, avatar="nobody").status_code == 404
-    assert open_stream(avatar_service, audio_rate=12345).status_code == 400
-    fps = open_stream(avatar_service, fps=30)
+def test_render_api_refuses_bad_requests(render_app: LiveApp) -> None:
+    a = render_app.http
+    assert open_stream(a, avatar="nobody").status_code == 404
+    assert open_stream(a, avatar="../etc").status_code == 404
+    assert open_stream(a, audio_rate=12345).status_code == 400
+    fps = open_stream(a, fps=30)
     assert fps.status_code == 400 and "25 fps" in fps.json()["detail"]
     assert httpx.post(a + "/api/render/open", json={"avatar": ""}).status_code == 422
-    opened = open_stream(avatar_service)
+    opened = open_stream(a)
     assert opened.status_code == 201, opened.text
     info = opened.json()
     assert (info["width"], info["height"], info["fps"]) == (512, 512, 25) and "avc1" in info["mime"]
@@ -283,27 +304,34 @@ def test_render_api_refuses_bad_requests(avatar_service: AvatarProcess) -> None:
     assert tail.status_code == 200 and int(tail.headers[FRAMES]) >= 4
     assert httpx.post(a + f"/api/render/{sid}/close").status_code == 404
     assert httpx.delete(a + f"/api/render/{sid}").status_code == 404
-    assert avatar_service.status()["streams"] == 0
+    assert render_status(a)["streams"] == 0
+    assert httpx.delete(a + "/api/render/not-a-stream").status_code == 404
+    idle = httpx.get(a + "/api/render/idle", params={"avatar": "nobody"})
+    assert idle.status_code == 404 and "nobody" in idle.json()["detail"]
 
 
-def test_render_stream_limit_and_idle_expiry(avatar_service: AvatarProcess) -> None:
-    ids = [open_stream(avatar_service).json()["id"] for _ in range(MAX_STREAMS)]
-    full = open_stream(avatar_service)
+def test_render_stream_limit_and_idle_expiry(render_app: LiveApp) -> None:
+    a = render_app.http
+    ids = [open_stream(a).json()["id"] for _ in range(MAX_STREAMS)]
+    full = open_stream(a)
     assert full.status_code == 503 and f"limit of {MAX_STREAMS} streams" in full.json()["detail"]
-    assert httpx.delete(avatar_service.http + f"/api/render/{ids.pop()}").json()["aborted"]
-    assert open_stream(avatar_service).status_code == 201  # a freed slot is usable at once
-    # Nobody uses them: each is dropped after the idle expiry, and its id is gone.
-    expired = avatar_service.status()["expired"]
-    status = avatar_service.wait_streams(0, timeout=IDLE_EXPIRY_S + 4)
-    assert status["expired"] - expired == MAX_STREAMS
+    assert httpx.delete(a + f"/api/render/{ids.pop()}").json()["aborted"]
+    assert open_stream(a).status_code == 201  # a freed slot is usable at once
+    # A stream in use is kept past the expiry; the others, unused, are dropped and their ids are gone.
     headers, body = pack_batch(np.zeros((1, 3), np.float32), 0, None)
-    gone = httpx.post(avatar_service.http + f"/api/render/{ids[0]}/batch", content=body, headers=headers)
+    for _ in range(6):
+        assert httpx.post(a + f"/api/render/{ids[0]}/batch", content=body, headers=headers).status_code == 200
+        time.sleep(0.25)
+    assert render_status(a)["streams"] == 1
+    status = wait_streams(a, 0, timeout=4)
+    assert status["expired"] == MAX_STREAMS
+    gone = httpx.post(a + f"/api/render/{ids[0]}/batch", content=body, headers=headers)
     assert gone.status_code == 404 and "expired" in gone.json()["detail"]
 
 
 async def test_a_full_avatar_service_fails_the_turn_not_the_session(gateway: LiveApp, avatar_service: AvatarProcess,
                                                                     upstream: OpenAITestServer) -> None:
-    ids = [open_stream(avatar_service).json()["id"] for _ in range(MAX_STREAMS)]
+    ids = [open_stream(avatar_service.http).json()["id"] for _ in range(MAX_STREAMS)]
     c = await open_client(gateway)
     try:
         await c.send(type="user_text", text="Hello")
