@@ -392,3 +392,29 @@ def test_batch_header_round_trip() -> None:
     assert np.array_equal(got_mouth, mouth) and got_audio is not None and np.array_equal(got_audio, np.ones(5))
     assert unpack_batch(pack_batch(mouth, 0, None)[1], 2, 0)[1] is None
     json.dumps(headers)  # plain strings: they travel as HTTP headers
+
+
+async def test_a_stalled_avatar_service_times_out_instead_of_hanging() -> None:
+    """Accepts connections, never answers (a frozen process): each render call ends after timeout_s."""
+    import socket
+
+    from avatarchat.config import RenderServiceConfig
+    from avatarchat.pipeline.avatar_media import MediaError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # the kernel completes the handshakes; nobody reads
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    media = RemoteAvatarMedia(client, RenderServiceConfig(timeout_s=0.3), 25)
+    try:
+        for call in (media.open("default", 22050), media.size("default"), media.idle_clip("default"),
+                     media.list_names()):
+            started = time.perf_counter()
+            with pytest.raises(MediaError) as e:
+                await call
+            assert e.value.code == "avatar_service_unavailable" and "timed out" in str(e.value)
+            assert time.perf_counter() - started < 2
+        assert "default" not in media._idle  # a failure is not cached
+    finally:
+        await client.aclose()
+        listener.close()
