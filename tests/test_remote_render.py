@@ -149,10 +149,24 @@ def test_the_gateway_loads_no_renderer(gateway: LiveApp) -> None:
     assert not hasattr(gateway.app.state, "render")
 
 
+def test_an_all_process_serves_the_render_api_too(live_app: LiveApp) -> None:
+    """A gateway may use an ``all`` process as its avatar service; its own sessions render in-process."""
+    status = httpx.get(live_app.http + "/api/render/status").json()
+    assert status["streams"] == 0 and status["max_streams"] == live_app.settings.services.render.max_streams
+    opened = open_stream(live_app.http)
+    assert opened.status_code == 201
+    assert httpx.delete(live_app.http + f"/api/render/{opened.json()['id']}").status_code == 200
+
+
 async def test_a_gateway_turn_is_rendered_by_the_avatar_service(gateway: LiveApp, avatar_service: AvatarProcess,
                                                                  upstream: OpenAITestServer) -> None:
     before, here_before = avatar_service.status()["frames"], metrics.FRAMES._value.get()
     metric_before = avatar_service.frames_metric()
+    from websockets.asyncio.client import connect
+
+    async with connect(gateway.ws) as ws:  # the session's media size comes from the avatar service
+        hello = json.loads(await ws.recv())
+        assert hello["type"] == "session" and (hello["media"]["width"], hello["media"]["height"]) == (512, 512)
     c = await open_client(gateway)
     done, events = await turn(c)
     assert done["reason"] == "complete", events

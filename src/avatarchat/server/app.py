@@ -68,7 +68,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         app.state.media = media
         app.state.sessions = SessionManager(settings.session, media)
         render: RenderStreams | None = None
-        if role == "avatar":
+        if role != "gateway":
             assert isinstance(media, LocalAvatarMedia)
             render = app.state.render = RenderStreams(media, settings.services.render, settings.avatar.fps)
         app.state.avatar_store = store
@@ -99,7 +99,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
     if role != "avatar":  # sessions (and the models they need) live on the gateway
         app.include_router(ws_router)
         app.include_router(llm_router)
-    else:  # internal: gateways have their turns rendered here (server/render_api.py)
+    if role != "gateway":  # gateways have their turns rendered here (server/render_api.py); never on a gateway
         app.include_router(render_router)
     app.include_router(avatar_router)
     app.add_exception_handler(AvatarServiceError, service_error)

@@ -1,6 +1,8 @@
 """The avatar service's render API, used by gateways (services/render_client.py) to have their sessions'
-turns rendered here. Internal: mounted in role ``avatar`` only, never on a gateway or a public ``all``
-process, and not reachable through the WebRTC proxy's allow-list.
+turns rendered here. Mounted in roles ``avatar`` and ``all`` (which renders its own sessions in-process,
+and can serve a gateway too); never on a gateway, and not reachable through the WebRTC proxy's allow-list.
+Like the rest of the avatar service's API it has no authentication: keep the avatar service's port on the
+internal network. Its limits bound what any caller can take.
 
     POST   /api/render/open          {"avatar", "audio_rate", "fps"?} → 201 {"id", "mime", "width", "height", "fps"}
     POST   /api/render/{id}/batch    float32 mouth rows + PCM (services/render_wire.py) → fMP4 bytes, x-render-frames

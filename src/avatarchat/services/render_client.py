@@ -161,8 +161,8 @@ class RemoteAvatarMedia:
             r = await self.request("POST", "/api/render/open", json={"avatar": name, "audio_rate": audio_rate,
                                                                      "fps": self._fps})
         except MediaError as e:
-            if e.code == "not_found":
-                raise MediaError("unknown_avatar", f"no avatar named {name!r}") from e
+            if e.code == "not_found":  # its message tells an unknown avatar from a service without the render API
+                raise MediaError("unknown_avatar", str(e), e.status) from e
             raise
         try:
             body = r.json()
