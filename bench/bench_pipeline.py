@@ -5,6 +5,7 @@ server's timings), first video fragment received. Also: stop → turn_done laten
 responsiveness (ping round trips while turns render), server RSS at idle and per extra session.
 
     .venv/bin/python bench/bench_pipeline.py [--turns 24]
+    .venv/bin/python bench/bench_pipeline.py --gateway --turns 12   # role all vs gateway + avatar service
 """
 
 from __future__ import annotations
@@ -43,6 +44,34 @@ async def recv_until(ws, kind: str, on_media=None, timeout: float = 120):
             return e
 
 
+async def one_turn(ws, text: str, turn_id: int) -> dict[str, float]:
+    """One text turn on an open session: latencies from the user's message, in ms."""
+    t0 = time.perf_counter()
+    await ws.send(json.dumps({"type": "user_text", "text": text}))
+    first_text = first_video = None
+    while True:
+        msg = await asyncio.wait_for(ws.recv(), 120)
+        now = time.perf_counter()
+        if isinstance(msg, bytes):
+            if first_video is None and HEADER.unpack_from(msg)[3] == turn_id:
+                first_video = now
+            continue
+        e = json.loads(msg)
+        if e["type"] == "text_delta" and first_text is None:
+            first_text = now
+        if e["type"] == "turn_done":
+            break
+    if first_text is None or first_video is None:
+        raise RuntimeError(f"turn {turn_id} produced no text or video: {e}")
+    return {
+        "first_text": (first_text - t0) * 1000,
+        "first_video": (first_video - t0) * 1000,
+        "first_piece": float(e["timings"]["first_piece"]),  # server timings
+        "first_audio": float(e["timings"]["first_audio"]),
+        "turn_total": (now - t0) * 1000,
+    }
+
+
 async def turns(base: str, n: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {
         "first_text": [], "first_piece": [], "first_audio": [], "first_video": [], "turn_total": []
@@ -50,30 +79,40 @@ async def turns(base: str, n: int) -> dict[str, list[float]]:
     async with connect(f"ws://{base}/ws", max_size=None) as ws:
         await recv_until(ws, "session")
         for i in range(n):
-            t0 = time.perf_counter()
-            await ws.send(json.dumps({"type": "user_text", "text": PROMPTS[i % len(PROMPTS)]}))
-            first_text = first_video = None
-            while True:
-                msg = await asyncio.wait_for(ws.recv(), 120)
-                now = time.perf_counter()
-                if isinstance(msg, bytes):
-                    if first_video is None and HEADER.unpack_from(msg)[3] == i + 1:
-                        first_video = now
-                    continue
-                e = json.loads(msg)
-                if e["type"] == "text_delta" and first_text is None:
-                    first_text = now
-                if e["type"] == "turn_done":
-                    break
-            if first_text is None or first_video is None:
-                raise RuntimeError(f"turn {i} produced no text or video: {e}")
-            out["first_text"].append((first_text - t0) * 1000)
-            out["first_video"].append((first_video - t0) * 1000)
-            out["first_piece"].append(float(e["timings"]["first_piece"]))  # server timings
-            out["first_audio"].append(float(e["timings"]["first_audio"]))
-            out["turn_total"].append((now - t0) * 1000)
+            for k, v in (await one_turn(ws, PROMPTS[i % len(PROMPTS)], i + 1)).items():
+                out[k].append(v)
             await asyncio.sleep(0.2)
     return out
+
+
+async def compare_roles(n: int) -> None:
+    """Role ``all`` (baseline) against ``gateway`` + ``avatar`` (rendering over the render API), all three
+    servers up at once and turns alternating between the two set-ups, so machine noise hits both alike."""
+    keys = ("first_text", "first_audio", "first_video", "turn_total")
+    with server() as (one, _), server({"AVATARCHAT_SERVICES__ROLE": "avatar"}) as (avatar, _), \
+            server({"AVATARCHAT_SERVICES__ROLE": "gateway", "AVATARCHAT_SERVICES__AVATAR__URL": f"http://{avatar}"}) as (gw, _):
+        setups = {"all": one, "gateway+avatar": gw}
+        out: dict[str, dict[str, list[float]]] = {name: {k: [] for k in keys} for name in setups}
+        async with connect(f"ws://{one}/ws", max_size=None) as ws_all, connect(f"ws://{gw}/ws", max_size=None) as ws_gw:
+            sockets = {"all": ws_all, "gateway+avatar": ws_gw}
+            for ws in sockets.values():
+                await recv_until(ws, "session")
+            for i in range(n + 2):  # the first two of each are warm-up
+                order = list(setups) if i % 2 == 0 else list(reversed(setups))
+                for name in order:
+                    got = await one_turn(sockets[name], PROMPTS[i % len(PROMPTS)], i + 1)
+                    if i >= 2:
+                        for k in keys:
+                            out[name][k].append(got[k])
+                    await asyncio.sleep(0.2)
+    print(f"\ntext turns, {n} per set-up, alternating:")
+    for name, t in out.items():
+        print(f"  {name}:")
+        for k in keys:
+            print(f"    {k:12} {summary(t[k])}")
+    base, remote = (stats(out[name]["first_video"])["p50"] for name in setups)
+    print(f"first_video p50 ratio gateway+avatar / all: {remote / base:.3f} ({remote - base:+.1f} ms)")
+    dump("pipeline_roles", {name: {k: stats(v) for k, v in t.items()} for name, t in out.items()})
 
 
 async def stop_latency(base: str, n: int) -> list[float]:
@@ -141,8 +180,13 @@ async def main() -> None:
     ap.add_argument("--turns", type=int, default=24)
     ap.add_argument("--stops", type=int, default=20)
     ap.add_argument("--turns-only", action="store_true", help="skip the stop, loop-lag and memory parts")
+    ap.add_argument("--gateway", action="store_true",
+                    help="only compare first-video latency: role all vs --role gateway + --role avatar")
     args = ap.parse_args()
     print(f"machine: {machine()}")
+    if args.gateway:
+        await compare_roles(args.turns)
+        return
     with server() as (base, proc):
         await turns(base, 2)  # warm-up: first-use allocations, prompt cache
         if args.turns_only:

@@ -15,6 +15,7 @@ from avatarchat.engines.avatar.library import AvatarLibrary
 from avatarchat.engines.llm.openai_compat import OpenAIEngine
 from avatarchat.engines.tts.base import TTSError
 from avatarchat.engines.tts.piper import PiperEngine
+from avatarchat.pipeline.avatar_media import LocalAvatarMedia
 from avatarchat.pipeline.history import History
 from avatarchat.pipeline.segmenter import split_text
 from avatarchat.pipeline.turn import Turn, TurnError
@@ -43,17 +44,19 @@ class Recorder:
 def parts() -> tuple[PiperEngine, Any, ThreadPoolExecutor]:
     tts = PiperEngine(load_settings().tts.piper)
     tts.load()
-    renderer = AvatarLibrary(None, 25).renderer("default")
+    library = AvatarLibrary(None, 25)
+    library.renderer("default")  # loaded once for the module
     pool = ThreadPoolExecutor(2)
-    yield tts, renderer, pool
+    yield tts, library, pool
     pool.shutdown()
 
 
 def make_turn(settings: Settings, upstream: OpenAITestServer, parts: Any, rec: Recorder, history: History,
               tts: Any = None) -> tuple[Turn, OpenAIEngine]:
-    piper, renderer, pool = parts
+    piper, library, pool = parts
     llm = OpenAIEngine(settings.llm.openai.model_copy(update={"base_url": upstream.base_url}))
-    turn = Turn(turn_id=1, user_text="Hi", settings=settings, llm=llm, tts=tts or piper, renderer=renderer,
+    turn = Turn(turn_id=1, user_text="Hi", settings=settings, llm=llm, tts=tts or piper,
+                media=LocalAvatarMedia(library, pool, settings), avatar="default",
                 history=history, workers=pool, send=rec)
     return turn, llm
 

@@ -220,6 +220,17 @@ class LLMExecConfig(BaseModel):
     redis_retry_s: float = Field(2.0, gt=0, description="After Redis failed, try it again after this long.")
 
 
+class RenderServiceConfig(BaseModel):
+    """Rendering for a gateway's sessions by the avatar service (role avatar serves /api/render/*)."""
+
+    max_streams: int = Field(16, ge=1, description="Turn streams the avatar service renders at once; the next open gets 503.")
+    idle_expiry_s: float = Field(30.0, gt=0, description="Drop a render stream unused for this long (its gateway went away).")
+    max_batch_frames: int = Field(250, ge=1, description="Most frames in one render batch request.")
+    max_batch_samples: int = Field(480_000, ge=1024, description="Most audio samples in one render batch request.")
+    timeout_s: float = Field(10.0, gt=0, description="Gateway side: longest wait for one render call before the turn fails.")
+    names_ttl_s: float = Field(2.0, ge=0, description="Gateway side: how long the avatar service's list of avatars is reused.")
+
+
 class ServicesConfig(BaseModel):
     role: Literal["all", "gateway", "avatar"] = Field(
         "all", description="all (one process), gateway (API + sessions, forwards to the avatar service) or avatar."
@@ -230,6 +241,7 @@ class ServicesConfig(BaseModel):
     avatar: AvatarClientConfig = AvatarClientConfig()
     llm: LLMExecConfig = LLMExecConfig()
     webrtc_max_peers: int = Field(8, ge=1, description="WebRTC peers the avatar service streams to at once.")
+    render: RenderServiceConfig = RenderServiceConfig()
 
 
 class Settings(BaseSettings):

@@ -19,6 +19,7 @@ import psutil
 from avatarchat import metrics
 from avatarchat.config import SessionConfig
 from avatarchat.engines.llm.base import LLMEngine, Prefills
+from avatarchat.pipeline.avatar_media import AvatarMedia
 from avatarchat.pipeline.history import History
 from avatarchat.pipeline.turn import Sender, Turn, TurnError, TurnResult
 from avatarchat.pipeline.voice import VoiceInput
@@ -80,10 +81,12 @@ class Playback:
 
 
 class Session:
-    def __init__(self, engines: Engines, send: Sender, avatar: str, on_idle: Callable[[Session], None]) -> None:
+    def __init__(self, engines: Engines, send: Sender, avatar: str, on_idle: Callable[[Session], None],
+                 media: AvatarMedia) -> None:
         s = engines.settings
         self.id = uuid.uuid4().hex
         self.engines = engines
+        self.media = media  # rendered here, or by the avatar service (role gateway)
         # Per-session copy: `session.update` changes the speaking rate or the silence window for this session only.
         self.settings = s.model_copy(deep=True)
         self.send = send
@@ -156,7 +159,8 @@ class Session:
             settings=self.settings,
             llm=self.llm,
             tts=self.engines.tts,
-            renderer=self.engines.avatars.renderer(self.avatar),
+            media=self.media,
+            avatar=self.avatar,
             history=self.history,
             workers=self.engines.workers,
             send=self._gate or self.send,
@@ -276,8 +280,9 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, media: AvatarMedia) -> None:
         self._config = config
+        self.media = media
         self._sessions: dict[str, Session] = {}
         self._process = psutil.Process()
 
@@ -305,7 +310,7 @@ class SessionManager:
 
     def open(self, engines: Engines, send: Sender, avatar: str, on_idle: Callable[[Session], None]) -> Session:
         self.check_capacity()
-        session = Session(engines, send, avatar, on_idle)
+        session = Session(engines, send, avatar, on_idle, self.media)
         self._sessions[session.id] = session
         metrics.ACTIVE_SESSIONS.set(len(self._sessions))
         log.info("session open", extra={"session": session.id, "avatar": avatar, "sessions": len(self._sessions)})

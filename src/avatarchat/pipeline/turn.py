@@ -10,18 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from avatarchat import metrics
 from avatarchat.config import Settings
-from avatarchat.engines.avatar.renderer import AvatarRenderer
 from avatarchat.engines.llm.base import LLMEngine, LLMError, SharesCPU
 from avatarchat.engines.tts.base import TTSEngine, TTSError
-from avatarchat.engines.video.fmp4 import Fmp4Stream
+from avatarchat.pipeline.avatar_media import AvatarMedia, MediaError, MediaStream
 from avatarchat.pipeline.history import History
-from avatarchat.pipeline.media import Piece, Timeline, render_batch, speakable
+from avatarchat.pipeline.media import Piece, Timeline, speakable
 from avatarchat.pipeline.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,8 @@ class Turn:
         settings: Settings,
         llm: LLMEngine,
         tts: TTSEngine,
-        renderer: AvatarRenderer,
+        media: AvatarMedia,
+        avatar: str,
         history: History,
         workers: Executor,
         send: Sender,
@@ -75,7 +75,8 @@ class Turn:
         self._s = settings
         self._llm = llm
         self._tts = tts
-        self._renderer = renderer
+        self._media = media
+        self._avatar = avatar
         self._history = history
         self._workers = workers
         self._send = send
@@ -86,9 +87,8 @@ class Turn:
         self.reply = ""
         self._spoken: list[str] = []
         self.timings: dict[str, int] = {}
-        self._stream: Fmp4Stream | None = None
-        self._opening: Future[Fmp4Stream] | None = None  # the stream, prepared while the LLM and TTS work
-        self._inflight: Future[bytes] | None = None
+        self._stream: MediaStream | None = None
+        self._opening: asyncio.Future[MediaStream] | None = None  # the stream, prepared while the LLM and TTS work
         self._timeline: Timeline | None = None
         self.sentences: list[tuple[int, int, str]] = []  # (start ms, duration ms, text) of each spoken piece
         self.first_media_at: float | None = None  # perf_counter() when the first fragment went out
@@ -208,7 +208,7 @@ class Turn:
         batch = self._s.pipeline.render_batch_frames
         index = 0
         start_ms = 0
-        self._opening = self._workers.submit(self._open_stream)
+        self._opening = asyncio.ensure_future(self._media.open(self._avatar, self._audio_rate()))
         while (piece := await inp.get()) is not None:
             stream = self._stream or await self._take_opened_stream()
             await self._send.event(
@@ -228,13 +228,11 @@ class Turn:
                 rows = piece.mouth[pos : pos + n]
                 until = piece.audio_until(pos + len(rows), _AUDIO_LEAD)
                 audio, fed = piece.audio[fed:until], max(fed, until)
-                started = time.perf_counter()
-                data = await self._work(
-                    render_batch, stream, self._renderer, rows, self._frame, audio if len(audio) else None
-                )
-                elapsed = time.perf_counter() - started
-                metrics.FRAMES.inc(len(rows))
-                metrics.RENDER_FPS.set(len(rows) / elapsed if elapsed > 0 else 0.0)
+                # Frames are counted where they are rendered (pipeline/avatar_media.py), maybe another process.
+                try:
+                    data = await stream.batch(rows, self._frame, audio if len(audio) else None)
+                except MediaError as e:
+                    raise TurnError(e.code, str(e)) from e
                 pos += len(rows)
                 self._frame += len(rows)
                 await self._emit(data)
@@ -243,7 +241,10 @@ class Turn:
             index += 1
         if self._stream is not None:
             stream = self._stream
-            tail = await self._work(stream.close)
+            try:
+                tail = await stream.close()
+            except MediaError as e:
+                raise TurnError(e.code, str(e)) from e
             # close() may repeat the last frame to cover the AAC tail: count it in the media duration.
             self._tail_frames = stream.frames - (self._frame - self._first_frame)
             await self._emit(tail)
@@ -257,36 +258,15 @@ class Turn:
         rate = getattr(self._tts, "sample_rate", 22050)
         return rate if rate in (16000, 22050, 24000, 32000, 44100, 48000) else 48000
 
-    def _open_stream(self) -> Fmp4Stream:
-        """Runs in a worker: create the turn's stream and open its encoders."""
-        width, height = self._renderer.size
-        stream = Fmp4Stream(
-            width,
-            height,
-            self._s.avatar.fps,
-            self._audio_rate(),
-            crf=self._s.video.crf,
-            preset=self._s.video.preset,
-            threads=self._s.video.threads,
-            audio_bitrate=self._s.video.audio_bitrate,
-        )
-        stream.start()
-        return stream
-
-    async def _take_opened_stream(self) -> Fmp4Stream:
+    async def _take_opened_stream(self) -> MediaStream:
         assert self._opening is not None
-        self._stream = await asyncio.wrap_future(self._opening)
+        try:
+            # Shielded: a stop here must not cancel the opening; _release_stream drops what it opens.
+            self._stream = await asyncio.shield(self._opening)
+        except MediaError as e:
+            raise TurnError(e.code, str(e)) from e
         self._opening = None
         return self._stream
-
-    async def _work(self, fn: object, *args: object) -> bytes:
-        future: Future[bytes] = self._workers.submit(fn, *args)  # type: ignore[arg-type]
-        self._inflight = future
-        try:
-            return await asyncio.wrap_future(future)
-        finally:
-            if future.done():
-                self._inflight = None
 
     async def _emit(self, data: bytes) -> None:
         if not data:
@@ -321,14 +301,8 @@ class Turn:
         if opening is not None:  # prepared but never used: the turn ended before its first piece
             opening.add_done_callback(_abort_opened)
         stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        inflight = self._inflight
-        if inflight is not None and not inflight.done():
-            # A worker is still encoding into the stream; close it once that batch returns.
-            inflight.add_done_callback(lambda _f: stream.abort())
-        else:
-            stream.abort()
+        if stream is not None:
+            stream.abort()  # a no-op once closed; else dropped when its batch in flight returns
 
     def _mark(self, name: str) -> None:
         if name not in self.timings:
@@ -337,6 +311,6 @@ class Turn:
             metrics.STAGE_SECONDS.labels(name).observe(elapsed)
 
 
-def _abort_opened(future: Future[Fmp4Stream]) -> None:
-    if not future.cancelled() and future.exception() is None:
+def _abort_opened(future: asyncio.Future[MediaStream]) -> None:
+    if not future.cancelled() and future.exception() is None:  # exception() also marks a failure as seen
         future.result().abort()

@@ -19,16 +19,20 @@ from avatarchat.config import Settings
 from avatarchat.engines.avatar.library import UnknownAvatarError
 from avatarchat.engines.registry import PARTS, TTS_ENGINES, Engines
 from avatarchat.metrics import REGISTRY
+from avatarchat.pipeline.avatar_media import AvatarMedia, LocalAvatarMedia, MediaError
 from avatarchat.pipeline.session import SessionManager
 from avatarchat.server.avatar_api import router as avatar_router, service_error
 from avatarchat.server.idle import IdleClips
 from avatarchat.server.llm_api import router as llm_router
 from avatarchat.server.monitor import router as monitor_router
 from avatarchat.server.relay import RelayMiddleware
+from avatarchat.server.render_api import router as render_router
 from avatarchat.server.ws import router as ws_router
 from avatarchat.services.avatar_client import AvatarService, AvatarServiceError, HttpAvatarService, LocalAvatarService
 from avatarchat.services.avatar_store import AvatarStore
 from avatarchat.services.llm_exec import LLMExecutor
+from avatarchat.services.render_client import RemoteAvatarMedia
+from avatarchat.services.render_streams import RenderStreams
 from avatarchat.services.webrtc import WebRTCError
 
 log = logging.getLogger(__name__)
@@ -43,15 +47,17 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = engines or Engines(settings)
         app.state.engines = eng
-        app.state.sessions = SessionManager(settings.session)
         app.state.idle = IdleClips(eng)
         app.state.llm_exec = LLMExecutor(settings.llm.openai, settings.services.llm,
                                          max_tokens=settings.llm.max_tokens, temperature=settings.llm.temperature)
         app.state.llm_exec.attach(asyncio.get_running_loop())
         store: AvatarStore | None = None
         service: AvatarService
+        media: AvatarMedia
         if role == "gateway":
             service = HttpAvatarService(settings.services.avatar)
+            # The avatar service renders this gateway's turns, over the same pooled client.
+            media = RemoteAvatarMedia(service.client, settings.services.render, settings.avatar.fps)
         else:
             store = AvatarStore(
                 settings.avatar.dir,
@@ -60,18 +66,29 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
             )
             service = LocalAvatarService(store, eng.avatars, eng.workers, settings.avatar.fps,
                                          lambda: _tts_info(eng), settings.services.webrtc_max_peers)
+            media = LocalAvatarMedia(eng.avatars, eng.workers, settings, app.state.idle)
+        app.state.media = media
+        app.state.sessions = SessionManager(settings.session, media)
+        render: RenderStreams | None = None
+        if role != "gateway":
+            assert isinstance(media, LocalAvatarMedia)
+            render = app.state.render = RenderStreams(media, settings.services.render, settings.avatar.fps)
         app.state.avatar_store = store
         app.state.avatar_service = service
         # Load in the background: /health answers at once, /ready once the models are warm.
         # The avatar service needs only its renderer: no LLM, VAD or ASR.
-        parts = ("avatar",) if role == "avatar" else PARTS
-        loader = asyncio.create_task(_load(eng, app.state.idle, parts))
+        # A gateway renders nothing: no avatar renderer (mediapipe) and no idle clip to warm up.
+        parts = ("avatar",) if role == "avatar" else tuple(p for p in PARTS if p != "avatar") if role == "gateway" else PARTS
+        loader = asyncio.create_task(_load(eng, None if role == "gateway" else app.state.idle, parts))
         try:
             yield
         finally:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             await app.state.sessions.close_all()
+            if render is not None:
+                render.close_all()
+            await media.close()
             await service.close()
             await app.state.llm_exec.aclose()
             await eng.close()
@@ -88,6 +105,8 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         app.include_router(llm_router)
     if role == "gateway":
         app.add_middleware(RelayMiddleware)
+    if role == "avatar":  # gateways have their turns rendered here (server/render_api.py): internal, not public
+        app.include_router(render_router)
     app.include_router(avatar_router)
     app.add_exception_handler(AvatarServiceError, service_error)
     app.add_exception_handler(WebRTCError, service_error)
@@ -144,18 +163,21 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
 
     @app.get("/avatars")
     async def avatars() -> dict[str, object]:
-        eng: Engines = app.state.engines
-        return {"default": settings.avatar.default, "avatars": eng.avatars.names()}
+        media: AvatarMedia = app.state.media
+        try:
+            names = await media.list_names()
+        except MediaError as e:
+            raise HTTPException(502, str(e)) from e
+        return {"default": settings.avatar.default, "avatars": names}
 
     @app.get("/avatars/{name}/idle.mp4")
     async def idle_clip(name: str) -> Response:
-        eng: Engines = app.state.engines
-        if name not in eng.avatars.names():
-            raise HTTPException(404, f"no avatar named {name!r}")
         try:
-            data = await app.state.idle.get(name)
+            data = await app.state.media.idle_clip(name)
         except UnknownAvatarError as e:
             raise HTTPException(404, f"no avatar named {name!r}") from e
+        except MediaError as e:
+            raise HTTPException(503 if e.status == 503 else 502, str(e)) from e
         return Response(data, media_type="video/mp4", headers={"Cache-Control": "public, max-age=3600"})
 
     return app
@@ -192,9 +214,10 @@ def router_channels(llm: object) -> list[dict[str, object]] | None:
     return [{k: c[k] for k in keys} for c in router.channels()]
 
 
-async def _load(engines: Engines, idle: IdleClips, parts: tuple[str, ...] = PARTS) -> None:
+async def _load(engines: Engines, idle: IdleClips | None, parts: tuple[str, ...] = PARTS) -> None:
     try:
-        await engines.start(then=lambda: idle.get(engines.settings.avatar.default), parts=parts)
+        warm = None if idle is None else (lambda: idle.get(engines.settings.avatar.default))
+        await engines.start(then=warm, parts=parts)
     except Exception:
         log.exception("start-up failed; /ready stays 503")
         return

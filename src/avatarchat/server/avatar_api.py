@@ -67,6 +67,8 @@ async def delete(request: Request, body: NameBody) -> dict[str, Any]:
         engines.avatars.forget(body.name)
     if (idle := getattr(request.app.state, "idle", None)) is not None:
         idle.forget(body.name)
+    if (media := getattr(request.app.state, "media", None)) is not None:
+        media.forget(body.name)  # a gateway's cached size and idle clip of it
     return result
 
 

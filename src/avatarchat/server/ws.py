@@ -17,6 +17,7 @@ from avatarchat.engines.avatar.library import UnknownAvatarError
 from avatarchat.engines.llm.base import LLMEngine, LLMError, Routable
 from avatarchat.engines.registry import Engines
 from avatarchat.engines.video.fmp4 import mime_for
+from avatarchat.pipeline.avatar_media import MediaError
 from avatarchat.pipeline.session import Session, SessionLimitError, SessionManager
 
 PROTOCOL = 1
@@ -126,7 +127,7 @@ def session_settings(session: Session) -> dict[str, Any]:
             "voices": engines.tts.voices(),
             "languages": [s.asr.language or "auto"],
             "llm": [{"provider": s.llm.engine, "model": m} for m in llm_models(engines)],
-            "avatars": engines.avatars.names(),
+            "avatars": session.media.names(),
         },
     }
 
@@ -180,12 +181,14 @@ async def configure(session: Session, event: dict[str, Any]) -> None:
             )
     avatar = event.get("avatar")
     if avatar is not None and avatar != session.avatar:
-        if avatar not in engines.avatars.names():
-            raise ProtocolError("invalid_field", f"no avatar named {avatar[:64]!r}")
-        try:  # load it off the loop, so the next turn starts at once
-            await asyncio.get_running_loop().run_in_executor(engines.workers, engines.avatars.renderer, avatar)
+        try:
+            if not await session.media.exists(avatar):
+                raise ProtocolError("invalid_field", f"no avatar named {avatar[:64]!r}")
+            await session.media.size(avatar)  # load it now (here or on the avatar service): the next turn starts at once
         except UnknownAvatarError as e:
             raise ProtocolError("invalid_field", f"no avatar named {avatar[:64]!r}") from e
+        except MediaError as e:
+            raise ProtocolError(e.code, str(e)) from e
         session.avatar = avatar
     if routed is not None:
         session.llm = routed
@@ -223,7 +226,13 @@ async def session_socket(ws: WebSocket) -> None:
     settings = engines.settings
     sender = WebSocketSender(ws)
     avatar = ws.query_params.get("avatar") or settings.avatar.default
-    if avatar not in engines.avatars.names():
+    try:
+        known = await manager.media.exists(avatar)
+    except MediaError as e:
+        await sender.event("error", code=e.code, message=str(e), fatal=True)
+        await ws.close(1013)
+        return
+    if not known:
         await sender.event("error", code="invalid_field", message=f"no avatar named {avatar[:64]!r}", fatal=True)
         await ws.close(1008)
         return
@@ -241,8 +250,12 @@ async def session_socket(ws: WebSocket) -> None:
         return
     try:
         await engines.ready.wait()
-        renderer = await asyncio.get_running_loop().run_in_executor(engines.workers, engines.avatars.renderer, avatar)
-        width, height = renderer.size
+        try:
+            width, height = await session.media.size(avatar)
+        except MediaError as e:
+            await sender.event("error", code=e.code, message=str(e), fatal=True)
+            await ws.close(1013)
+            return
         await sender.event(
             "session",
             protocol=PROTOCOL,

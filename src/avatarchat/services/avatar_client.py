@@ -191,6 +191,11 @@ class HttpAvatarService:
     def closed(self) -> bool:
         return self._client.is_closed
 
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The process's one pooled client to the avatar service, shared with services/render_client.py."""
+        return self._client
+
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             r = await self._client.request(method, path, **kwargs)
