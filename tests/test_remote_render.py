@@ -149,13 +149,11 @@ def test_the_gateway_loads_no_renderer(gateway: LiveApp) -> None:
     assert not hasattr(gateway.app.state, "render")
 
 
-def test_an_all_process_serves_the_render_api_too(live_app: LiveApp) -> None:
-    """A gateway may use an ``all`` process as its avatar service; its own sessions render in-process."""
-    status = httpx.get(live_app.http + "/api/render/status").json()
-    assert status["streams"] == 0 and status["max_streams"] == live_app.settings.services.render.max_streams
-    opened = open_stream(live_app.http)
-    assert opened.status_code == 201
-    assert httpx.delete(live_app.http + f"/api/render/{opened.json()['id']}").status_code == 200
+def test_the_render_api_is_only_on_the_avatar_service(live_app: LiveApp) -> None:
+    """It is internal, for gateways: an ``all`` process (which faces users) does not offer it."""
+    assert httpx.get(live_app.http + "/api/render/status").status_code == 404
+    assert httpx.post(live_app.http + "/api/render/open", json={"avatar": "default"}).status_code == 404
+    assert not hasattr(live_app.app.state, "render")
 
 
 async def test_a_gateway_turn_is_rendered_by_the_avatar_service(gateway: LiveApp, avatar_service: AvatarProcess,

@@ -70,7 +70,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         app.state.media = media
         app.state.sessions = SessionManager(settings.session, media)
         render: RenderStreams | None = None
-        if role != "gateway":
+        if role == "avatar":
             assert isinstance(media, LocalAvatarMedia)
             render = app.state.render = RenderStreams(media, settings.services.render, settings.avatar.fps)
         app.state.avatar_store = store
