@@ -1,6 +1,6 @@
 """The avatar service's render API, used by gateways (services/render_client.py) to have their sessions'
-turns rendered here. Mounted in roles ``avatar`` and ``all`` (which renders its own sessions in-process,
-and can serve a gateway too); never on a gateway, and not reachable through the WebRTC proxy's allow-list.
+turns rendered here. Mounted in role ``avatar`` only: not in ``all`` (which renders its own sessions
+in-process and faces users) nor on a gateway, and not reachable through the WebRTC proxy's allow-list.
 Like the rest of the avatar service's API it has no authentication: keep the avatar service's port on the
 internal network. Its limits bound what any caller can take.
 
