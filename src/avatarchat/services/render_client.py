@@ -91,7 +91,8 @@ class RemoteAvatarMedia:
             raise MediaError(UNAVAILABLE, f"avatar service unreachable: {type(e).__name__}: {e}") from e
         if r.status_code >= 400:
             try:
-                detail = r.json().get("detail", r.text)
+                body = r.json()
+                detail = body.get("detail", r.text) if isinstance(body, dict) else r.text[:300]
             except ValueError:
                 detail = r.text[:300]
             code = {404: "not_found", 503: "render_busy"}.get(r.status_code, "render_failed")
