@@ -159,3 +159,20 @@ async def test_a_broken_off_answer_is_never_completed(upstream: Upstream, caplog
     assert "broke off" in caplog.text
     assert service._transport.idle_connections() == 0  # type: ignore[attr-defined]
     await service.close()
+
+
+@pytest.mark.parametrize("upstream", [OK], indirect=True)
+async def test_the_relay_sends_the_service_token(upstream: Upstream) -> None:
+    service = HttpAvatarService(AvatarClientConfig(url=upstream.url), token="t0k")
+    r = await service.relay("/api/avatar/list")
+    await r.aread()
+    await r.aclose()
+    assert "Authorization: Bearer t0k" in upstream.requests[0].decode().split("\r\n")
+    await service.close()
+
+
+async def test_an_empty_service_token_is_refused() -> None:
+    from avatarchat.server.service_auth import ServiceTokenMiddleware
+
+    with pytest.raises(ValueError):
+        ServiceTokenMiddleware(Starlette(), token="")

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from avatarchat import metrics
-from avatarchat.config import load_settings
+from avatarchat.config import AvatarClientConfig, load_settings
+from avatarchat.services.avatar_client import AvatarServiceError, HttpAvatarService
 from avatarchat.services.render_client import RemoteAvatarMedia
 from avatarchat.services.render_wire import FIRST_FRAME, FRAMES, SAMPLES, pack_batch
 from tests.support.live_app import LiveApp
@@ -34,6 +35,8 @@ pytestmark = pytest.mark.timeout(120)
 
 MAX_STREAMS = 3
 IDLE_EXPIRY_S = 4.0
+TOKEN = "gateway-secret-42"  # services.token: the avatar process answers /api/* only with it
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LONG_REPLY = " ".join(f"Sentence number {i} goes on for a while, so the turn is long." for i in range(30))
 
 
@@ -49,6 +52,7 @@ class AvatarProcess:
             AVATARCHAT_SERVICES__RENDER__IDLE_EXPIRY_S=str(IDLE_EXPIRY_S),
             AVATARCHAT_SERVICES__RENDER__MAX_BATCH_FRAMES="50",
             AVATARCHAT_SERVICES__RENDER__MAX_BATCH_SAMPLES="100000",
+            AVATARCHAT_SERVICES__TOKEN=TOKEN,
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -81,23 +85,23 @@ class AvatarProcess:
                 self.proc.wait(10)
 
     def status(self) -> dict[str, int]:
-        return render_status(self.http)
+        return render_status(self.http, AUTH)
 
     def frames_metric(self) -> float:
         text = httpx.get(self.http + "/metrics", timeout=5).text
         return float(next(line.split()[1] for line in text.splitlines() if line.startswith("avatarchat_frames_total ")))
 
     def wait_streams(self, n: int, timeout: float = 8) -> dict[str, int]:
-        return wait_streams(self.http, n, timeout)
+        return wait_streams(self.http, n, timeout, AUTH)
 
 
-def render_status(base: str) -> dict[str, int]:
-    return httpx.get(base + "/api/render/status", timeout=5).json()  # type: ignore[no-any-return]
+def render_status(base: str, headers: dict[str, str] | None = None) -> dict[str, int]:
+    return httpx.get(base + "/api/render/status", timeout=5, headers=headers).json()  # type: ignore[no-any-return]
 
 
-def wait_streams(base: str, n: int, timeout: float = 8) -> dict[str, int]:
+def wait_streams(base: str, n: int, timeout: float = 8, headers: dict[str, str] | None = None) -> dict[str, int]:
     deadline = time.monotonic() + timeout
-    while (status := render_status(base))["streams"] != n:
+    while (status := render_status(base, headers))["streams"] != n:
         assert time.monotonic() < deadline, status
         time.sleep(0.05)
     return status
@@ -126,7 +130,7 @@ def render_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
 def gateway(avatar_service: AvatarProcess, openai_server: OpenAITestServer,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
     settings = load_settings(
-        services={"role": "gateway", "avatar": {"url": avatar_service.http}, "render": {"timeout_s": 5}},
+        services={"role": "gateway", "avatar": {"url": avatar_service.http}, "render": {"timeout_s": 5}, "token": TOKEN},
         llm={"engine": "openai", "openai": {"base_url": openai_server.base_url}},
         tts={"engine": "espeak"},
         avatar={"dir": str(tmp_path_factory.mktemp("gw-avatars"))},
@@ -192,7 +196,8 @@ async def test_a_gateway_turn_is_rendered_by_the_avatar_service(gateway: LiveApp
 def test_idle_clip_through_the_gateway(gateway: LiveApp, avatar_service: AvatarProcess) -> None:
     clip = httpx.get(gateway.http + "/avatars/default/idle.mp4", timeout=60)
     assert clip.status_code == 200 and clip.headers["content-type"] == "video/mp4"
-    assert clip.content == httpx.get(avatar_service.http + "/api/render/idle", params={"avatar": "default"}).content
+    assert clip.content == httpx.get(avatar_service.http + "/api/render/idle", params={"avatar": "default"},
+                                             headers=AUTH).content
     frames, video_s, _, codec = decode_media(clip.content)
     assert codec == "h264" and frames >= 25
     assert "default" in gateway.app.state.media._idle  # cached per avatar, like IdleClips
@@ -249,6 +254,33 @@ def test_render_routes_are_not_public_on_the_gateway(gateway: LiveApp) -> None:
     assert raw_request(gateway.port, "DELETE", "/api/webrtc/peers/..%2Frender%2Fx", b"")[0] == 400
 
 
+async def test_the_avatar_service_answers_its_gateways_only(gateway: LiveApp, avatar_service: AvatarProcess) -> None:
+    """services.token: /api/* needs the gateway's bearer token; probes stay open; a wrong token is the gateway's
+    fault (502, and its /ready says so), never passed on to users as their own 401."""
+    a = avatar_service.http
+    for path in ("/api/avatar/list", "/api/render/status", "/api/tts/models"):
+        r = httpx.get(a + path)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "services.token" in r.json()["detail"]
+        assert httpx.get(a + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(a + path, headers=AUTH).status_code == 200
+    assert httpx.post(a + "/api/render/open", json={"avatar": "default", "audio_rate": 22050}).status_code == 401
+    assert httpx.get(a + "/health").status_code == 200 and httpx.get(a + "/metrics").status_code == 200
+    # The gateway sends it on every path: relayed GETs, forwarded calls, its readiness probe.
+    g = gateway.http
+    assert httpx.get(g + "/api/avatar/list").status_code == 200
+    assert httpx.post(g + "/api/avatar/start", json={"name": "default"}).status_code == 200
+    assert httpx.get(g + "/ready", timeout=10).json()["dependencies"]["avatar_service"]["ok"] is True
+    wrong = HttpAvatarService(AvatarClientConfig(url=a), token="wrong")
+    with pytest.raises(AvatarServiceError, match="refused this gateway") as e:
+        await wrong.relay("/api/avatar/list")
+    assert e.value.status == 502
+    with pytest.raises(AvatarServiceError, match="refused this gateway"):
+        await wrong.start("default")
+    health = await wrong.health()
+    assert health["ok"] is False and "services.token refused" in health["error"]
+    await wrong.close()
+
+
 async def test_stop_during_a_remote_turn_frees_the_stream(gateway: LiveApp, avatar_service: AvatarProcess,
                                                           upstream: OpenAITestServer) -> None:
     upstream.behaviour.reply = LONG_REPLY
@@ -271,9 +303,9 @@ async def test_stop_during_a_remote_turn_frees_the_stream(gateway: LiveApp, avat
 # -- the render API's hardening, called directly ---------------------------------------------------
 
 
-def open_stream(base: str, **body: object) -> httpx.Response:
+def open_stream(base: str, headers: dict[str, str] | None = None, **body: object) -> httpx.Response:
     return httpx.post(base + "/api/render/open", json={"avatar": "default", "audio_rate": 22050, **body},
-                      timeout=30)
+                      timeout=30, headers=headers)
 
 
 def test_render_api_refuses_bad_requests(render_app: LiveApp) -> None:
@@ -343,7 +375,7 @@ def test_render_stream_limit_and_idle_expiry(render_app: LiveApp) -> None:
 
 async def test_a_full_avatar_service_fails_the_turn_not_the_session(gateway: LiveApp, avatar_service: AvatarProcess,
                                                                     upstream: OpenAITestServer) -> None:
-    ids = [open_stream(avatar_service.http).json()["id"] for _ in range(MAX_STREAMS)]
+    ids = [open_stream(avatar_service.http, headers=AUTH).json()["id"] for _ in range(MAX_STREAMS)]
     c = await open_client(gateway)
     try:
         await c.send(type="user_text", text="Hello")
@@ -352,7 +384,7 @@ async def test_a_full_avatar_service_fails_the_turn_not_the_session(gateway: Liv
         assert (await c.until("turn_done", timeout=10))[0]["reason"] == "error"
     finally:
         for sid in ids:
-            httpx.delete(avatar_service.http + f"/api/render/{sid}")
+            httpx.delete(avatar_service.http + f"/api/render/{sid}", headers=AUTH)
     done, _ = await turn(c)
     assert done["reason"] == "complete"
     await c.ws.close()

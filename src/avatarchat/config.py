@@ -238,6 +238,10 @@ class ServicesConfig(BaseModel):
     admin_token: SecretStr = Field(
         SecretStr(""), description="Bearer token for /admin/*; empty: only loopback clients may call them."
     )
+    token: SecretStr = Field(
+        SecretStr(""), description="Shared secret of a gateway and its avatar service: when set, role avatar answers "
+        "/api/* only with `Authorization: Bearer <token>`, which the gateway sends. Empty: no check.",
+    )
     avatar: AvatarClientConfig = AvatarClientConfig()
     llm: LLMExecConfig = LLMExecConfig()
     webrtc_max_peers: int = Field(8, ge=1, description="WebRTC peers the avatar service streams to at once.")

@@ -27,6 +27,7 @@ from avatarchat.server.llm_api import router as llm_router
 from avatarchat.server.monitor import router as monitor_router
 from avatarchat.server.relay import RelayMiddleware
 from avatarchat.server.render_api import router as render_router
+from avatarchat.server.service_auth import ServiceTokenMiddleware
 from avatarchat.server.ws import router as ws_router
 from avatarchat.services.avatar_client import AvatarService, AvatarServiceError, HttpAvatarService, LocalAvatarService
 from avatarchat.services.avatar_store import AvatarStore
@@ -55,7 +56,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         service: AvatarService
         media: AvatarMedia
         if role == "gateway":
-            service = HttpAvatarService(settings.services.avatar)
+            service = HttpAvatarService(settings.services.avatar, token=settings.services.token.get_secret_value())
             # The avatar service renders this gateway's turns, over the same pooled client.
             media = RemoteAvatarMedia(service.client, settings.services.render, settings.avatar.fps)
         else:
@@ -107,6 +108,8 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         app.add_middleware(RelayMiddleware)
     if role == "avatar":  # gateways have their turns rendered here (server/render_api.py): internal, not public
         app.include_router(render_router)
+        if token := settings.services.token.get_secret_value():
+            app.add_middleware(ServiceTokenMiddleware, token=token)
     app.include_router(avatar_router)
     app.add_exception_handler(AvatarServiceError, service_error)
     app.add_exception_handler(WebRTCError, service_error)

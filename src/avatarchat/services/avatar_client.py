@@ -50,6 +50,8 @@ def _failed(r: httpx.Response) -> AvatarServiceError:
         detail = body.get("detail", r.text) if isinstance(body, dict) else r.text[:500]
     except ValueError:
         detail = r.text[:500]
+    if r.status_code in (401, 403):  # the gateway's credentials, not the user's: a gateway misconfiguration
+        return AvatarServiceError(502, f"avatar service refused this gateway (services.token): {detail}")
     # 503 (at capacity) keeps its meaning; any other upstream failure is a bad gateway.
     status = r.status_code if r.status_code < 500 or r.status_code == 503 else 502
     return AvatarServiceError(status, f"avatar service: {detail}")
@@ -165,7 +167,8 @@ class LocalAvatarService:
 class HttpAvatarService:
     """A remote avatar service, reached with one pooled client per process (role ``gateway``)."""
 
-    def __init__(self, config: AvatarClientConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: AvatarClientConfig, transport: httpx.AsyncBaseTransport | None = None,
+                 token: str = "") -> None:
         self.url = config.url.rstrip("/")
         limits = httpx.Limits(
             max_connections=config.max_connections,
@@ -183,7 +186,9 @@ class HttpAvatarService:
             # httpcore's pool slows down badly with hundreds of requests in flight (net/http_transport.py).
             transport=self._transport,
             follow_redirects=False,  # a redirect must not carry the gateway somewhere else
+            headers={"Authorization": f"Bearer {token}"} if token else None,  # services.token (server/service_auth.py)
         )
+        self._relay_headers = {**_RELAY_HEADERS, **({"Authorization": f"Bearer {token}"} if token else {})}
         self._relay_requests: dict[str, httpx.Request] = {}
         self._timeouts = {"timeout": self._client.timeout.as_dict()}
 
@@ -215,11 +220,11 @@ class HttpAvatarService:
         """
         if query:
             request = httpx.Request("GET", self._client.base_url.join(path).copy_with(query=query),
-                                    headers=_RELAY_HEADERS, extensions=self._timeouts)
+                                    headers=self._relay_headers, extensions=self._timeouts)
         else:
             request = self._relay_requests.get(path)  # sent as is, never changed: safe to share
             if request is None:
-                request = httpx.Request("GET", self._client.base_url.join(path), headers=_RELAY_HEADERS,
+                request = httpx.Request("GET", self._client.base_url.join(path), headers=self._relay_headers,
                                         extensions=self._timeouts)
                 self._relay_requests[path] = request
         try:
@@ -275,9 +280,11 @@ class HttpAvatarService:
     async def health(self) -> dict[str, Any]:
         start = time.perf_counter()
         try:
-            r = await self._client.get("/health", timeout=2.0)
+            # An /api route, not /health: it also proves this gateway's services.token is accepted, and that
+            # the service renders (role avatar).
+            r = await self._client.get("/api/render/status", timeout=2.0)
             ok = r.status_code == 200
-            error = None if ok else f"HTTP {r.status_code}"
+            error = None if ok else f"HTTP {r.status_code}" + (" (services.token refused)" if r.status_code == 401 else "")
         except httpx.HTTPError as e:
             ok, error = False, f"{type(e).__name__}: {e}"
         out: dict[str, Any] = {"where": self.url, "ok": ok, "ms": round(1000 * (time.perf_counter() - start), 1)}

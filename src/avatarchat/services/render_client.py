@@ -96,7 +96,7 @@ class RemoteAvatarMedia:
             except ValueError:
                 detail = r.text[:300]
             code = {404: "not_found", 503: "render_busy"}.get(r.status_code, "render_failed")
-            if r.status_code in (502, 504):
+            if r.status_code in (401, 403, 502, 504):  # 401/403: the gateway's services.token, not the user
                 code = UNAVAILABLE
             raise MediaError(code, f"avatar service ({r.status_code}): {detail}", r.status_code)
         return r
