@@ -21,6 +21,7 @@ from avatarchat.engines.registry import PARTS, TTS_ENGINES, Engines
 from avatarchat.metrics import REGISTRY
 from avatarchat.pipeline.avatar_media import AvatarMedia, LocalAvatarMedia, MediaError
 from avatarchat.pipeline.session import SessionManager
+from avatarchat.server.assets import WebAppFiles
 from avatarchat.server.avatar_api import router as avatar_router, service_error
 from avatarchat.server.idle import IdleClips
 from avatarchat.server.llm_api import router as llm_router
@@ -135,7 +136,8 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.include_router(monitor_router)
-    app.mount("/app", StaticFiles(directory=WEBAPP, check_dir=False), name="webapp")
+    # Hashed assets cached for a year and sent as their precompressed .gz (server/assets.py).
+    app.mount("/app", WebAppFiles(directory=WEBAPP, check_dir=False), name="webapp")
 
     @app.get("/health")
     async def health() -> dict[str, object]:
