@@ -27,7 +27,7 @@ from avatarchat.services.render_client import RemoteAvatarMedia
 from avatarchat.services.render_wire import FIRST_FRAME, FRAMES, SAMPLES, pack_batch
 from tests.support.live_app import LiveApp
 from tests.support.openai_server import OpenAITestServer
-from tests.support.redis_celery import ROOT, free_port
+from tests.support.redis_celery import ROOT, free_port, stop_process
 from tests.test_server import Client, decode_media, open_client
 from tests.test_services import png, raw_request
 
@@ -76,13 +76,7 @@ class AvatarProcess:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, 20)
 
     def status(self) -> dict[str, int]:
         return render_status(self.http, AUTH)
@@ -352,6 +346,11 @@ def test_render_api_refuses_bad_requests(render_app: LiveApp) -> None:
     assert httpx.delete(a + "/api/render/not-a-stream").status_code == 404
     idle = httpx.get(a + "/api/render/idle", params={"avatar": "nobody"})
     assert idle.status_code == 404 and "nobody" in idle.json()["detail"]
+    assert httpx.get(a + "/api/render/idle").status_code == 422  # no avatar named
+    assert httpx.get(a + "/api/render/idle", params={"avatar": "x" * 65}).status_code == 422
+    assert httpx.post(a + "/api/render/" + "a" * 41 + "/close").status_code == 404  # not an id: never looked up
+    assert httpx.post(a + "/api/render/open", content=b"{not json", headers={"content-type": "application/json"}
+                      ).status_code == 422
 
 
 def test_render_stream_limit_and_idle_expiry(render_app: LiveApp) -> None:

@@ -54,12 +54,15 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
                                          max_tokens=settings.llm.max_tokens, temperature=settings.llm.temperature)
         app.state.llm_exec.attach(asyncio.get_running_loop())
         store: AvatarStore | None = None
+        render: RenderStreams | None = None
         service: AvatarService
         media: AvatarMedia
         if role == "gateway":
             service = HttpAvatarService(settings.services.avatar, token=settings.services.token.get_secret_value())
             # The avatar service renders this gateway's turns, over the same pooled client.
             media = RemoteAvatarMedia(service.client, settings.services.render, settings.avatar.fps)
+            # A gateway renders nothing: no avatar renderer (mediapipe) and no idle clip to warm up.
+            parts, warm = tuple(p for p in PARTS if p != "avatar"), None
         else:
             store = AvatarStore(
                 settings.avatar.dir,
@@ -68,20 +71,17 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
             )
             service = LocalAvatarService(store, eng.avatars, eng.workers, settings.avatar.fps,
                                          lambda: _tts_info(eng), settings.services.webrtc_max_peers)
-            media = LocalAvatarMedia(eng.avatars, eng.workers, settings, app.state.idle)
+            local = LocalAvatarMedia(eng.avatars, eng.workers, settings, app.state.idle)
+            media, parts, warm = local, PARTS, app.state.idle
+            if role == "avatar":  # it needs only its renderer (no LLM, VAD or ASR), and renders for gateways
+                render = app.state.render = RenderStreams(local, settings.services.render, settings.avatar.fps)
+                parts = ("avatar",)
         app.state.media = media
         app.state.sessions = SessionManager(settings.session, media)
-        render: RenderStreams | None = None
-        if role == "avatar":
-            assert isinstance(media, LocalAvatarMedia)
-            render = app.state.render = RenderStreams(media, settings.services.render, settings.avatar.fps)
         app.state.avatar_store = store
         app.state.avatar_service = service
         # Load in the background: /health answers at once, /ready once the models are warm.
-        # The avatar service needs only its renderer: no LLM, VAD or ASR.
-        # A gateway renders nothing: no avatar renderer (mediapipe) and no idle clip to warm up.
-        parts = ("avatar",) if role == "avatar" else tuple(p for p in PARTS if p != "avatar") if role == "gateway" else PARTS
-        loader = asyncio.create_task(_load(eng, None if role == "gateway" else app.state.idle, parts))
+        loader = asyncio.create_task(_load(eng, warm, parts))
         try:
             yield
         finally:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 
 import httpx
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from avatarchat.server.avatar_api import service_error
 from avatarchat.services.avatar_client import AvatarServiceError, HttpAvatarService
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Relay:
         try:
             response = await service.relay(self.path, scope["query_string"])
         except AvatarServiceError as e:
-            await JSONResponse({"detail": str(e)}, status_code=e.status)(scope, receive, send)
+            await (await service_error(Request(scope), e))(scope, receive, send)
             return
         try:
             headers = [(k, v) for k, v in response.headers.raw if k.lower() in _KEPT]
@@ -50,10 +50,6 @@ class Relay:
             log.warning("relay of %s broke off: %s: %s", self.path, type(e).__name__, e)
         finally:
             await response.aclose()
-
-
-def relay_routes() -> list[Route]:
-    return [Route(path, Relay(path), methods=["GET"]) for path in RELAYED]
 
 
 class RelayMiddleware:

@@ -37,19 +37,29 @@ class AvatarServiceError(Exception):
         self.status = status
 
 
-def _unreachable(e: httpx.HTTPError) -> AvatarServiceError:
+def unreachable(e: httpx.HTTPError) -> str:
+    """What a transport failure on the way to the avatar service says."""
     if isinstance(e, httpx.TimeoutException):
-        return AvatarServiceError(504, f"avatar service timed out ({type(e).__name__})")
-    return AvatarServiceError(502, f"avatar service unreachable: {type(e).__name__}: {e}")
+        return f"avatar service timed out ({type(e).__name__})"
+    return f"avatar service unreachable: {type(e).__name__}: {e}"
+
+
+def error_detail(r: httpx.Response) -> str:
+    """The message of an avatar service error answer (read): its JSON ``detail``, else its text."""
+    try:
+        body = r.json()
+        return str(body.get("detail", r.text)) if isinstance(body, dict) else r.text[:500]
+    except ValueError:
+        return r.text[:500]
+
+
+def _unreachable(e: httpx.HTTPError) -> AvatarServiceError:
+    return AvatarServiceError(504 if isinstance(e, httpx.TimeoutException) else 502, unreachable(e))
 
 
 def _failed(r: httpx.Response) -> AvatarServiceError:
     """An avatar service error answer (read) as the error the gateway answers with."""
-    try:
-        body = r.json()
-        detail = body.get("detail", r.text) if isinstance(body, dict) else r.text[:500]
-    except ValueError:
-        detail = r.text[:500]
+    detail = error_detail(r)
     if r.status_code in (401, 403):  # the gateway's credentials, not the user's: a gateway misconfiguration
         return AvatarServiceError(502, f"avatar service refused this gateway (services.token): {detail}")
     # 503 (at capacity) keeps its meaning; any other upstream failure is a bad gateway.

@@ -20,6 +20,7 @@ from avatarchat import metrics
 from avatarchat.config import RenderServiceConfig
 from avatarchat.engines.avatar.library import UnknownAvatarError
 from avatarchat.pipeline.avatar_media import MediaError
+from avatarchat.services.avatar_client import error_detail, unreachable
 from avatarchat.services.render_wire import FRAMES, pack_batch
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,10 @@ class RemoteAvatarMedia:
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             r = await self._client.request(method, path, timeout=self._timeout, **kwargs)
-        except httpx.TimeoutException as e:
-            raise MediaError(UNAVAILABLE, f"avatar service timed out ({type(e).__name__})") from e
         except httpx.HTTPError as e:
-            raise MediaError(UNAVAILABLE, f"avatar service unreachable: {type(e).__name__}: {e}") from e
+            raise MediaError(UNAVAILABLE, unreachable(e)) from e
         if r.status_code >= 400:
-            try:
-                body = r.json()
-                detail = body.get("detail", r.text) if isinstance(body, dict) else r.text[:300]
-            except ValueError:
-                detail = r.text[:300]
+            detail = error_detail(r)
             code = {404: "not_found", 503: "render_busy"}.get(r.status_code, "render_failed")
             if r.status_code in (401, 403, 502, 504):  # 401/403: the gateway's services.token, not the user
                 code = UNAVAILABLE
