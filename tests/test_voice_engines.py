@@ -75,8 +75,9 @@ def test_vad_reports_a_missing_model() -> None:
 
 
 def test_turn_taking_on_an_utterance(vad: SileroVAD) -> None:
-    audio = np.concatenate([silence(0.5), piper_16k("Hello there, can you tell me a story about the sea?"), silence(1.0)])
-    speech_end = 0.5 + len(piper_16k("Hello there, can you tell me a story about the sea?")) / 16000
+    speech = piper_16k("Hello there, can you tell me a story about the sea?")
+    audio = np.concatenate([silence(0.5), speech, silence(1.0)])
+    speech_end = 0.5 + len(speech) / 16000
     events = run(taker(vad), audio)
     kinds = [type(e) for _, e in events]
     assert kinds[0] is SpeechStart and kinds[-1] is EndOfTurn
