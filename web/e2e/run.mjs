@@ -153,8 +153,13 @@ const tests = {
 
   async avatars_upload_use_and_delete(browser) {
     const { page } = await openApp(browser, BASE, { hash: "#/avatars" });
-    await page.waitForSelector("[data-avatar=default] img");
-    const previewOk = await page.$eval("[data-avatar=default] img", (img) => img.complete && img.naturalWidth > 0);
+    // The <img> appears before its PNG (rendered on the server) has arrived: wait for it to load.
+    const previewOk = await page
+      .waitForFunction(() => {
+        const img = document.querySelector("[data-avatar=default] img");
+        return img !== null && img.complete && img.naturalWidth > 0;
+      }, null, { timeout: 20_000 })
+      .then(() => true, () => false);
     assert.ok(previewOk, "the default avatar's preview loads");
     // Client-side check: not an image.
     const textFile = path.join(ARTIFACTS, "not-an-image.txt");
