@@ -34,4 +34,14 @@ if [ "$mode" = "queue" ]; then
   echo "==> started a Celery worker ($concurrency threads)" >&2
 fi
 
+# Each engine is run for real in a child process first (issue 12): a runtime that crashes on this CPU
+# is reported in plain words instead of killing the server at start-up. AVATARCHAT_SKIP_CHECKS=1 skips it.
+if [ "${AVATARCHAT_SKIP_CHECKS:-0}" != "1" ]; then
+  echo "==> checking that every engine runs on this machine (avatarchat doctor --engines)" >&2
+  if ! "$VENV/bin/avatarchat" doctor --engines; then
+    echo "==> not starting: an engine above does not work on this machine; its 'fix:' line says what to do" >&2
+    exit 1
+  fi
+fi
+
 "$VENV/bin/avatarchat" serve "$@"

@@ -88,7 +88,7 @@ def test_bad_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_doctor_reports_every_part(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AVATARCHAT_SERVER__PORT", "0")
-    code = main(["doctor"])
+    code = main(["doctor", "--files"])
     out = capsys.readouterr().out
     for part in ("LLM model (GGUF)", "Piper voice", "VAD model", "ASR model", "avatar 'default' landmarks", "port"):
         assert part in out
@@ -98,14 +98,14 @@ def test_doctor_reports_every_part(capsys: pytest.CaptureFixture[str], monkeypat
 def test_doctor_says_how_to_fix_a_missing_model(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AVATARCHAT_LLM__LLAMA_CPP__MODEL_PATH", "/nonexistent/x.gguf")
     monkeypatch.setenv("AVATARCHAT_SERVER__PORT", "0")
-    assert main(["doctor"]) == 1
+    assert main(["doctor", "--files"]) == 1
     out = capsys.readouterr().out
-    assert "MISSING" in out and "fix:" in out and "/nonexistent/x.gguf" in out
+    assert "FAILED" in out and "fix:" in out and "/nonexistent/x.gguf" in out
 
 
 def test_doctor_checks_a_remote_llm(upstream, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AVATARCHAT_LLM__ENGINE", "openai")
     monkeypatch.setenv("AVATARCHAT_LLM__OPENAI__BASE_URL", upstream.base_url)
     monkeypatch.setenv("AVATARCHAT_SERVER__PORT", "0")
-    main(["doctor"])
+    main(["doctor", "--files"])
     assert "GET /models → 200" in capsys.readouterr().out

@@ -1,20 +1,42 @@
+"""The embedded LLM (llama.cpp, SmolLM2-135M) serving several conversations at once (issue 13)."""
+
 import asyncio
+import threading
 
 import pytest
 
 from avatarchat.config import LlamaCppConfig
-from avatarchat.engines.llm.base import LLMError
-from avatarchat.engines.llm.llama_cpp import LlamaCppEngine, default_model_path
+from avatarchat.engines.llm.base import LLMError, conversation
+from avatarchat.engines.llm.llama_cpp import LlamaCppEngine, default_model_path, shifted_reuse
+from avatarchat.pipeline.scheduler import CpuScheduler
 
-MSGS = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Say hello."}]
+pytestmark = pytest.mark.models
+
+SYSTEM = "Answer briefly."
+MSGS = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-async def llama() -> LlamaCppEngine:
-    e = LlamaCppEngine(LlamaCppConfig(), "Answer briefly.")
+async def cpu() -> CpuScheduler:
+    scheduler = CpuScheduler(2)
+    yield scheduler
+    scheduler.close()
+
+
+@pytest.fixture(scope="module")
+async def llama(cpu: CpuScheduler) -> LlamaCppEngine:
+    e = LlamaCppEngine(LlamaCppConfig(parallel=4), SYSTEM, cpu)
     await e.start()
     yield e
     await e.close()
+
+
+async def _reply(llm: LlamaCppEngine, messages: list[dict[str, str]], who: str | None = None, max_tokens: int = 8) -> str:
+    async def run() -> str:
+        conversation.set(who)
+        return "".join([d async for d in llm.stream(messages, max_tokens=max_tokens, temperature=0.0)])
+
+    return await asyncio.create_task(run())  # its own context, as a session's turn task
 
 
 def test_model_file_is_the_packaged_gguf() -> None:
@@ -23,26 +45,23 @@ def test_model_file_is_the_packaged_gguf() -> None:
 
 
 async def test_streams_text(llama: LlamaCppEngine) -> None:
-    text = "".join([d async for d in llama.stream(MSGS, max_tokens=24, temperature=0.0)])
-    assert len(text.strip()) > 0
+    text = await _reply(llama, MSGS, max_tokens=24)
+    assert len(text.strip()) > 0 and "<|im" not in text
     assert llama.count_tokens("hello world") >= 2
 
 
 async def test_cancel_stops_generation_and_the_next_request_works(llama: LlamaCppEngine) -> None:
+    threads = threading.active_count()
     stream = llama.stream(MSGS, max_tokens=200, temperature=0.0)
     first = await anext(stream)
     await stream.aclose()
     assert first
-    # The single worker is free again soon: a new request streams normally.
-    text = await asyncio.wait_for(
-        asyncio.create_task(_collect(llama)), timeout=30
-    )
+    steps = llama.steps
+    await asyncio.sleep(0.3)
+    assert llama.steps - steps <= 1  # the cancelled reply stopped decoding
+    text = await asyncio.wait_for(_reply(llama, MSGS), timeout=30)
     assert text.strip()
-    assert len(llama._worker._threads) == 1  # still the one generation thread, none leaked
-
-
-async def _collect(llama: LlamaCppEngine) -> str:
-    return "".join([d async for d in llama.stream(MSGS, max_tokens=8, temperature=0.0)])
+    assert threading.active_count() == threads  # still the one decoding thread: none started, none leaked
 
 
 async def test_missing_model_file() -> None:
@@ -53,8 +72,6 @@ async def test_missing_model_file() -> None:
 
 
 def test_shifted_reuse_finds_the_trimmed_block() -> None:
-    from avatarchat.engines.llm.llama_cpp import shifted_reuse
-
     system, old_turn, kept, new = list(range(10)), list(range(100, 140)), list(range(200, 260)), [7, 7, 7]
     assert shifted_reuse(system + old_turn + kept, system + kept + new) == (10, 50)
     # The cached tail (say, the tokens of a cancelled reply) need not be in the new prompt.
@@ -68,36 +85,99 @@ def test_shifted_reuse_finds_the_trimmed_block() -> None:
     assert shifted_reuse(old, system + repeat + [8]) is None
 
 
-async def test_trimmed_history_reuses_the_kv_cache(llama: LlamaCppEngine) -> None:
-    """After the oldest turn is dropped, only the new suffix is evaluated: the prompt is not re-read."""
-    history = [{"role": "system", "content": "You are terse."}]
-    for i in range(6):
+def _history(n: int) -> list[dict[str, str]]:
+    history = [{"role": "system", "content": SYSTEM}]
+    for i in range(n):
         history += [{"role": "user", "content": f"Question number {i} about the sea and the sky?"},
                     {"role": "assistant", "content": f"Answer number {i}: the sea is wide and the sky is high."}]
+    return history
+
+
+async def test_trimmed_history_reuses_the_kv_cache(llama: LlamaCppEngine) -> None:
+    """After the oldest turn is dropped, only the new suffix is evaluated: the prompt is not re-read."""
+    history = _history(6)
     full = history + [{"role": "user", "content": "And the moon?"}]
-    async for _ in llama.stream(full, max_tokens=4, temperature=0.0):
-        pass
-    before = llama._llm.n_tokens
+    await _reply(llama, full, "trim", max_tokens=4)
     trimmed = [history[0]] + history[3:] + [{"role": "user", "content": "And the moon?"}]
-    tokens = llama._tokens(trimmed)
-    llama._reuse_kv(tokens)
-    assert llama._llm.n_tokens < before
-    kept = llama._llm.input_ids[: llama._llm.n_tokens].tolist()
-    same = next((i for i, (x, y) in enumerate(zip(kept, tokens)) if x != y), len(kept))
-    assert same > 0.8 * len(tokens) - 12  # the cache holds nearly all of the trimmed prompt
-    out = "".join([d async for d in llama.stream(trimmed, max_tokens=8, temperature=0.0)])
+    before = llama.prompt_tokens
+    out = await _reply(llama, trimmed, "trim")
     assert out.strip()
+    assert llama.prompt_tokens - before < 15, llama.prompt_tokens - before  # of a ~150-token prompt
 
 
 async def test_prefill_leaves_only_the_new_words_to_evaluate(llama: LlamaCppEngine) -> None:
-    history = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there."},
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi there."},
                {"role": "assistant", "content": "Hello! How can I help?"}]
-    await llama.prefill(history)
-    nxt = llama._tokens(history + [{"role": "user", "content": "Name a colour."}])
-    cached = llama._llm.input_ids[: llama._llm.n_tokens].tolist()
-    assert llama._llm.n_tokens > 10 and nxt[: len(cached)] == cached
-    assert len(nxt) - len(cached) < 15  # the person's words and the assistant header
-    out = "".join([d async for d in llama.stream(history + [{"role": "user", "content": "Name a colour."}],
-                                                 max_tokens=8, temperature=0.0)])
+
+    async def prefill() -> None:
+        conversation.set("prefill")
+        await llama.prefill(history)
+
+    await asyncio.create_task(prefill())
+    before = llama.prompt_tokens
+    out = await _reply(llama, history + [{"role": "user", "content": "Name a colour."}], "prefill")
     assert out.strip()
-    await llama.prefill(history)  # idempotent: nothing left to evaluate
+    assert llama.prompt_tokens - before < 15  # the person's words and the assistant header
+    before = llama.prompt_tokens
+    await asyncio.create_task(prefill())  # the history is in the cache already: little left to evaluate
+    assert llama.prompt_tokens - before < 20
+
+
+async def test_sessions_never_re_evaluate_each_others_prompts(llama: LlamaCppEngine) -> None:
+    a, b = _history(4), _history(5)
+    a[1]["content"] = "Tell me about apples."  # two different conversations
+    await _reply(llama, a + [{"role": "user", "content": "Why?"}], "A")
+    await _reply(llama, b + [{"role": "user", "content": "Why?"}], "B")
+    # A's next turn, after B's: only A's new words are evaluated, not A's whole history again.
+    before = llama.prompt_tokens
+    await _reply(llama, a + [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."},
+                             {"role": "user", "content": "Really?"}], "A")
+    assert llama.prompt_tokens - before < 25
+
+
+async def test_concurrent_replies_decode_in_one_batch(llama: LlamaCppEngine) -> None:
+    prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+               for q in ("Count to five.", "Name three fruits.", "Describe the sea.", "What is a cat?")]
+    steps = llama.steps
+    texts = await asyncio.gather(*(_reply(llama, p, f"batch{i}", max_tokens=24) for i, p in enumerate(prompts)))
+    assert all(t.strip() for t in texts)
+    # One after another, 4 replies of up to 24 tokens need up to ~100 steps; batched, about one per token.
+    assert llama.steps - steps < 45, llama.steps - steps
+
+
+async def test_a_reply_nobody_reads_pauses_and_others_go_on(cpu: CpuScheduler) -> None:
+    e = LlamaCppEngine(LlamaCppConfig(parallel=2, max_unread=4), SYSTEM, cpu)
+    await e.start()
+    try:
+        stalled = e.stream(MSGS, max_tokens=200, temperature=0.0)
+        await anext(stalled)
+        await asyncio.sleep(0.3)
+        job = e._jobs[0]
+        assert job.generated <= 4 + 2  # it waits for its reader instead of racing ahead
+        assert (await _reply(e, [MSGS[0], {"role": "user", "content": "Say yes."}], "other")).strip()
+        await stalled.aclose()
+    finally:
+        await e.close()
+
+
+async def test_more_conversations_than_sequences_take_turns(cpu: CpuScheduler) -> None:
+    e = LlamaCppEngine(LlamaCppConfig(parallel=2), SYSTEM, cpu)
+    await e.start()
+    try:
+        texts = await asyncio.gather(*(_reply(e, [MSGS[0], {"role": "user", "content": f"Say {w}."}], w)
+                                       for w in ("one", "two", "three", "four", "five")))
+        assert all(t.strip() for t in texts)
+    finally:
+        await e.close()
+
+
+async def test_a_full_context_is_a_clear_error_and_the_engine_recovers(cpu: CpuScheduler) -> None:
+    e = LlamaCppEngine(LlamaCppConfig(parallel=1, n_ctx=256), SYSTEM, cpu)
+    await e.start()
+    try:
+        long = [MSGS[0], {"role": "user", "content": "word " * 400}]
+        with pytest.raises(LLMError, match="context is full"):
+            await _reply(e, long, "long")
+        assert (await _reply(e, MSGS, "short")).strip()
+    finally:
+        await e.close()

@@ -81,3 +81,20 @@ async def test_closing_the_stream_cancels(upstream: OpenAITestServer) -> None:
     await stream.aclose()
     assert len(got) == 2
     await asyncio.wait_for(e.close(), 2)
+
+
+async def test_replies_stream_in_parallel_up_to_the_configured_limit(upstream: OpenAITestServer) -> None:
+    """Sessions do not wait for each other's replies; beyond max_concurrent they wait for a connection."""
+    upstream.behaviour.reply = "one two three four five six"
+    upstream.behaviour.token_delay_s = 0.05
+    for limit, sessions in ((8, 6), (2, 6)):
+        upstream.peak_in_flight = 0
+        engine = OpenAIEngine(OpenAIConfig(base_url=upstream.base_url, model="m", max_concurrent=limit))
+
+        async def reply() -> str:
+            return "".join([d async for d in engine.stream(MSGS, max_tokens=20, temperature=0.5)])
+
+        texts = await asyncio.gather(*(reply() for _ in range(sessions)))
+        await engine.close()
+        assert texts == ["one two three four five six"] * sessions
+        assert upstream.peak_in_flight == min(limit, sessions)

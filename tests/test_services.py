@@ -64,7 +64,7 @@ def test_avatar_role_loads_no_llm_or_asr(avatar_app: LiveApp) -> None:
     # No sessions and no LLM endpoints on the avatar service.
     assert httpx.post(avatar_app.http + "/api/llm/chat", json={"messages": []}).status_code == 404
     engines = avatar_app.app.state.engines
-    assert engines.asr.engine._model is None and engines.llm._llm is None
+    assert engines.asr.engine._model is None and engines.llm._model is None
 
 
 def test_gateway_forwards_every_route_over_http(gateway: LiveApp, avatar_app: LiveApp) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import av
@@ -17,6 +16,7 @@ from avatarchat.engines.tts.base import TTSError
 from avatarchat.engines.tts.piper import PiperEngine
 from avatarchat.pipeline.avatar_media import LocalAvatarMedia
 from avatarchat.pipeline.history import History
+from avatarchat.pipeline.scheduler import CpuScheduler
 from avatarchat.pipeline.segmenter import split_text
 from avatarchat.pipeline.turn import Turn, TurnError
 from tests.support.openai_server import OpenAITestServer
@@ -41,23 +41,23 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def parts() -> tuple[PiperEngine, Any, ThreadPoolExecutor]:
+def parts() -> tuple[PiperEngine, Any, CpuScheduler]:
     tts = PiperEngine(load_settings().tts.piper)
     tts.load()
     library = AvatarLibrary(None, 25)
     library.renderer("default")  # loaded once for the module
-    pool = ThreadPoolExecutor(2)
-    yield tts, library, pool
-    pool.shutdown()
+    cpu = CpuScheduler(2)
+    yield tts, library, cpu
+    cpu.close()
 
 
 def make_turn(settings: Settings, upstream: OpenAITestServer, parts: Any, rec: Recorder, history: History,
               tts: Any = None) -> tuple[Turn, OpenAIEngine]:
-    piper, library, pool = parts
+    piper, library, cpu = parts
     llm = OpenAIEngine(settings.llm.openai.model_copy(update={"base_url": upstream.base_url}))
     turn = Turn(turn_id=1, user_text="Hi", settings=settings, llm=llm, tts=tts or piper,
-                media=LocalAvatarMedia(library, pool, settings), avatar="default",
-                history=history, workers=pool, send=rec)
+                media=LocalAvatarMedia(library, cpu, settings), avatar="default",
+                history=history, cpu=cpu, send=rec)
     return turn, llm
 
 
@@ -141,44 +141,40 @@ async def test_cancel_keeps_only_spoken_pieces_in_history(upstream: OpenAITestSe
     assert len(spoken) < len(turn.reply) < len(upstream.behaviour.reply)
 
 
-class HeldLLM:
-    """An LLM that shares the CPU (SharesCPU): records whether it was held."""
-
-    def __init__(self, inner: OpenAIEngine) -> None:
-        self.inner, self.name, self.holds = inner, "held", 0
-        self.stream, self.count_tokens = inner.stream, inner.count_tokens
-
-    def hold(self) -> None:
-        self.holds += 1
-
-    def release(self) -> None:
-        self.holds -= 1
-
-
-async def test_the_llm_yields_the_cores_to_the_first_pieces_speech(upstream: OpenAITestServer, parts: Any) -> None:
+async def test_each_unit_of_work_is_due_when_the_player_needs_it(upstream: OpenAITestServer, parts: Any) -> None:
+    """Before the first fragment, the turn's units are due at its first-video target; afterwards, when the
+    player would run out of what was made so far (pipeline/scheduler.py)."""
     upstream.behaviour.reply = "Sure thing, here we go now. This is the second sentence! And a third one? And more."
     upstream.behaviour.token_delay_s = 0.005
     settings = load_settings()
-    assert settings.pipeline.eager_pieces == 2
-    piper = parts[0]
-    held_during: list[tuple[str, int]] = []
-    llm: HeldLLM | None = None
+    piper, _, cpu = parts
+    seen: list[tuple[str, float]] = []
+    submit = cpu.submit
 
-    class Spy:
-        sample_rate = piper.sample_rate
+    def spy(fn: Any, *args: Any, deadline: float = float("inf"), kind: str = "other") -> Any:
+        seen.append((kind, deadline))
+        return submit(fn, *args, deadline=deadline, kind=kind)
 
-        def synthesize(self, text: str, *, rate: float = 1.0) -> Any:
-            assert llm is not None
-            held_during.append((text, llm.holds))
-            return piper.synthesize(text, rate=rate)
-
-    rec = Recorder()
-    turn, inner = make_turn(settings, upstream, parts, rec, History("sys", 500), tts=Spy())
-    llm = HeldLLM(inner)
-    turn._llm = llm  # type: ignore[assignment]
-    result = await turn.run()
-    await inner.close()
-    assert result.reason == "complete" and len(held_during) >= 4
-    # Held while the first two pieces are synthesized, not for the later ones; never left held.
-    assert [h for _, h in held_during] == [1, 1] + [0] * (len(held_during) - 2), held_during
-    assert llm.holds == 0
+    cpu.submit = spy  # type: ignore[method-assign]
+    try:
+        rec = Recorder()
+        turn, llm = make_turn(settings, upstream, parts, rec, History("sys", 500))
+        result = await turn.run()
+        await llm.close()
+    finally:
+        del cpu.submit
+    assert result.reason == "complete"
+    target = turn.deadline.t0 + settings.pipeline.first_video_target_ms / 1000
+    tts = [d for k, d in seen if k == "tts"]
+    renders = [d for k, d in seen if k == "render"]
+    assert tts[0] == pytest.approx(target) and renders[0] == pytest.approx(target)  # the stream's opening
+    first_media = turn.first_media_at
+    assert first_media is not None
+    margin = settings.pipeline.deadline_margin_ms / 1000
+    # Later pieces: due when the speech before them has played (never before the first fragment went out).
+    assert all(d >= first_media - margin for d in tts[2:])
+    assert tts[2:] == sorted(tts[2:])
+    # Render batches after the first are due as the media before them plays out, in order (the last
+    # unit is the stream's close, due as it comes).
+    later = renders[2:-1]
+    assert later == sorted(later) and later[-1] - later[0] > 1.0

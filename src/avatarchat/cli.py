@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("-o", "--output", required=True, type=Path)
     chat.add_argument("--avatar")
 
-    sub.add_parser("doctor", help="check engines, model files, dependencies and the port")
+    doctor = sub.add_parser("doctor", help="check engines, model files, dependencies and the port")
+    what = doctor.add_mutually_exclusive_group()
+    what.add_argument("--engines", action="store_true", help="only run each engine for real (in a child process)")
+    what.add_argument("--files", action="store_true", help="only check packages, model files and the port")
 
     rt = sub.add_parser("router", help="run the LLM router alone (OpenAI-compatible, on its own YAML file)")
     rt.add_argument("--host", default="127.0.0.1")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from avatarchat.doctor import run_doctor
 
-        return run_doctor(settings)
+        return run_doctor(settings, files=not args.engines, engines=not args.files)
     if args.command == "say":
         return _render(settings, args.text, args.output, args.avatar, ask_llm=False)
     return _render(settings, args.text, args.output, args.avatar, ask_llm=True)

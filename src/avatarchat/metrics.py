@@ -44,3 +44,31 @@ def record_turn(session_id: str, turn_id: int, reason: str, timings: dict[str, i
     RECENT_TURNS.append(
         {"at": time.time(), "session": session_id[:8], "turn_id": turn_id, "reason": reason, "asr_ms": asr_ms, **timings}
     )
+
+# The CPU scheduler (pipeline/scheduler.py): live work across sessions, earliest deadline first.
+CPU_QUEUE = Gauge("avatarchat_cpu_queue", "Units of CPU work waiting for a core.", registry=REGISTRY)
+CPU_WAIT_SECONDS = Histogram(
+    "avatarchat_cpu_wait_seconds", "Time a unit of CPU work waited for a core, by kind.", ["kind"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=REGISTRY,
+)
+CPU_BUSY_SECONDS = Counter(
+    "avatarchat_cpu_busy_seconds_total", "Core-seconds of live work run by the scheduler, by kind.", ["kind"],
+    registry=REGISTRY,
+)
+CPU_LATE = Counter(
+    "avatarchat_cpu_late_total", "Units of CPU work that finished after their deadline, by kind.", ["kind"],
+    registry=REGISTRY,
+)
+LLM_BATCH_TOKENS = Histogram(
+    "avatarchat_llm_batch_tokens", "Tokens per llama.cpp decoding step (all sessions batched).",
+    buckets=(1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256, 512), registry=REGISTRY,
+)
+LLM_SEQUENCES = Gauge("avatarchat_llm_sequences", "Sessions decoding in the last llama.cpp step.", registry=REGISTRY)
+CAPACITY_SESSIONS = Gauge("avatarchat_capacity_sessions", "Real-time sessions this process holds (measured).",
+                          registry=REGISTRY)
+COST_PER_SPEECH_SECOND = Gauge(
+    "avatarchat_cost_core_seconds_per_speech_second", "Live CPU work per second of speech (measured).",
+    registry=REGISTRY,
+)
+DEGRADE_LEVEL = Gauge("avatarchat_degrade_level", "0: full quality; 1: overloaded, each face rendered for two frames.",
+                      registry=REGISTRY)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from avatarchat.config import ConfigError, OpenAIConfig, load_settings
-from avatarchat.engines.llm.base import LLMError, SharesCPU
+from avatarchat.engines.llm.base import LLMError
 from avatarchat.engines.llm.openai_compat import OpenAIEngine
 from avatarchat.engines.llm.router import RouterEngine
 from avatarchat.engines.registry import LLM_ENGINES
@@ -37,14 +37,12 @@ async def test_engine_routes_in_process_with_a_local_channel(tmp_path: Path, ups
     # Any LLMEngine can be the in-process local channel; here one that talks to upstream c.
     local = OpenAIEngine(OpenAIConfig(base_url=ups[2].base_url, model="local-test"))
     engine = RouterEngine(settings, local=local)
-    assert isinstance(engine, SharesCPU)
     await engine.start()
     try:
         text = "".join([d async for d in engine.stream(MSGS, max_tokens=20, temperature=0.1)])
         assert text == "answer from c ."
         assert ups[2].requests[-1]["body"]["model"] == "local-test"
         assert not ups[0].requests and not ups[1].requests
-        engine.hold(); engine.release()
         assert engine.count_tokens("hello there") >= 1
         ups[2].behaviour.status = 500  # the local channel fails: the router fails over to a remote one
         settings2 = load_settings(llm={"engine": "router", "router": {"config": str(path), "model": "shared-model", "strategy": "local_first"}})

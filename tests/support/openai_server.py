@@ -42,6 +42,8 @@ class OpenAITestServer:
     behaviour: Behaviour = field(default_factory=Behaviour)
     requests: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
+    in_flight: int = 0  # streams being sent now
+    peak_in_flight: int = 0
     _server: uvicorn.Server | None = None
     _thread: threading.Thread | None = None
 
@@ -87,6 +89,15 @@ class OpenAITestServer:
                                                   "finish_reason": "stop"}]})
 
             async def gen() -> Any:
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                try:
+                    async for part in stream():
+                        yield part
+                finally:
+                    self.in_flight -= 1
+
+            async def stream() -> Any:
                 await asyncio.sleep(b.first_token_delay_s)
                 yield b": keep-alive\n\n"
                 yield frame({"role": "assistant"})

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 
 from avatarchat import metrics
 from avatarchat.config import Settings
@@ -17,26 +16,28 @@ from avatarchat.engines.llm.base import LLMEngine
 from avatarchat.engines.tts.base import TTSEngine
 from avatarchat.engines.vad.base import VADEngine
 from avatarchat.pipeline.history import approx_tokens
+from avatarchat.pipeline.capacity import Capacity
+from avatarchat.pipeline.scheduler import CpuScheduler
 
 log = logging.getLogger(__name__)
 
 
-def _llama_cpp(s: Settings) -> LLMEngine:
+def _llama_cpp(s: Settings, cpu: CpuScheduler | None = None) -> LLMEngine:
     from avatarchat.engines.llm.llama_cpp import LlamaCppEngine
 
-    return LlamaCppEngine(s.llm.llama_cpp, s.llm.system_prompt)
+    return LlamaCppEngine(s.llm.llama_cpp, s.llm.system_prompt, cpu)
 
 
-def _openai(s: Settings) -> LLMEngine:
+def _openai(s: Settings, cpu: CpuScheduler | None = None) -> LLMEngine:
     from avatarchat.engines.llm.openai_compat import OpenAIEngine
 
     return OpenAIEngine(s.llm.openai)
 
 
-def _router(s: Settings) -> LLMEngine:
+def _router(s: Settings, cpu: CpuScheduler | None = None) -> LLMEngine:
     from avatarchat.engines.llm.router import RouterEngine
 
-    return RouterEngine(s)
+    return RouterEngine(s, cpu)
 
 
 def _piper(s: Settings) -> TTSEngine:
@@ -63,7 +64,7 @@ def _whisper(s: Settings) -> ASREngine:
     return WhisperEngine(s.asr)
 
 
-LLM_ENGINES: dict[str, Callable[[Settings], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai, "router": _router}
+LLM_ENGINES: dict[str, Callable[[Settings, CpuScheduler | None], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai, "router": _router}
 TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak}
 PARTS = ("llm", "tts", "vad", "asr", "avatar")
 VAD_ENGINES: dict[str, Callable[[Settings], VADEngine]] = {"silero": _silero}
@@ -71,16 +72,17 @@ ASR_ENGINES: dict[str, Callable[[Settings], ASREngine]] = {"whisper": _whisper}
 
 
 class Engines:
-    """Everything shared by all sessions: the models, the avatars and the worker threads."""
+    """Everything shared by all sessions: the models, the avatars and the CPU scheduler."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.llm = LLM_ENGINES[settings.llm.engine](settings)
+        self.cpu = CpuScheduler(settings.pipeline.workers)
+        self.capacity = Capacity(settings.session, self.cpu)
+        self.llm = LLM_ENGINES[settings.llm.engine](settings, self.cpu)
         self.tts = TTS_ENGINES[settings.tts.engine](settings)
         self.vad = VAD_ENGINES[settings.vad.engine](settings)
         self.asr = ASRQueue(ASR_ENGINES[settings.asr.engine](settings))
         self.avatars = AvatarLibrary(settings.avatar.dir, settings.avatar.fps)
-        self.workers = ThreadPoolExecutor(settings.pipeline.workers, thread_name_prefix="media")
         self.ready = asyncio.Event()
         self.load_error: str | None = None
         self.load_seconds: dict[str, float] = {}
@@ -106,12 +108,10 @@ class Engines:
             async with asyncio.TaskGroup() as tg:
                 loads = {
                     "llm": lambda: self.llm.start(),
-                    "tts": lambda: loop.run_in_executor(self.workers, self.tts.load),
+                    "tts": lambda: self.cpu.run(self.tts.load, kind="load"),
                     "vad": lambda: loop.run_in_executor(None, self.vad.load),
                     "asr": lambda: loop.run_in_executor(self.asr.executor, self.asr.load),
-                    "avatar": lambda: loop.run_in_executor(
-                        self.workers, self.avatars.renderer, self.settings.avatar.default
-                    ),
+                    "avatar": lambda: self.cpu.run(self.avatars.renderer, self.settings.avatar.default, kind="load"),
                 }
                 for name in parts:
                     tg.create_task(timed(name, loads[name]()))
@@ -130,4 +130,4 @@ class Engines:
     async def close(self) -> None:
         await self.llm.close()
         await self.asr.close()
-        self.workers.shutdown(wait=True, cancel_futures=True)
+        self.cpu.close()

@@ -1,6 +1,7 @@
 """Where a session's avatar video comes from: names, sizes, each turn's fMP4 stream and the idle clips.
 
-``LocalAvatarMedia`` renders and encodes in this process's worker pool (roles ``all`` and ``avatar``);
+``LocalAvatarMedia`` renders and encodes in this process's CPU scheduler, each batch by its deadline
+(roles ``all`` and ``avatar``);
 services/render_client.py's ``RemoteAvatarMedia`` asks the avatar service over HTTP (role ``gateway``).
 A turn opens its stream while the LLM and TTS work, so the first fragment does not pay for it.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +21,8 @@ from avatarchat.engines.avatar.library import AvatarLibrary, UnknownAvatarError
 from avatarchat.engines.avatar.renderer import AvatarRenderer
 from avatarchat.engines.video.fmp4 import Fmp4Stream
 from avatarchat.pipeline.media import render_batch
+from avatarchat.pipeline.capacity import Capacity
+from avatarchat.pipeline.scheduler import CpuScheduler
 
 
 class MediaError(Exception):
@@ -42,8 +45,10 @@ class MediaStream(Protocol):
         """Video frames in the stream so far; after ``close`` with the frames repeated to cover the audio tail."""
         ...
 
-    async def batch(self, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None) -> bytes:
-        """Encode ``audio`` (mono float32 at the stream's rate) then one frame per mouth row; the bytes produced."""
+    async def batch(self, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None, *,
+                    deadline: float | None = None) -> bytes:
+        """Encode ``audio`` (mono float32 at the stream's rate) then one frame per mouth row; the bytes produced.
+        ``deadline`` (``time.perf_counter()``) is when the player needs them; None: as they come."""
         ...
 
     async def close(self) -> bytes:
@@ -72,7 +77,7 @@ class AvatarMedia(Protocol):
         """(width, height), loading the avatar's renderer if needed. Raises UnknownAvatarError."""
         ...
 
-    async def open(self, name: str, audio_rate: int) -> MediaStream: ...
+    async def open(self, name: str, audio_rate: int, *, deadline: float | None = None) -> MediaStream: ...
 
     async def idle_clip(self, name: str) -> bytes:
         """The avatar's idle loop as an MP4. Raises UnknownAvatarError."""
@@ -92,10 +97,10 @@ class IdleSource(Protocol):
 
 
 def _render_counted(stream: Fmp4Stream, renderer: AvatarRenderer, mouth: np.ndarray, first_frame: int,
-                    audio: np.ndarray | None) -> bytes:
+                    audio: np.ndarray | None, hold: int = 1) -> bytes:
     """Runs in a worker. Counted here: the process that renders reports the frames."""
     started = time.perf_counter()
-    data = render_batch(stream, renderer, mouth, first_frame, audio)
+    data = render_batch(stream, renderer, mouth, first_frame, audio, hold)
     elapsed = time.perf_counter() - started
     metrics.FRAMES.inc(len(mouth))
     metrics.RENDER_FPS.set(len(mouth) / elapsed if elapsed > 0 else 0.0)
@@ -103,12 +108,14 @@ def _render_counted(stream: Fmp4Stream, renderer: AvatarRenderer, mouth: np.ndar
 
 
 class LocalStream:
-    """An ``Fmp4Stream`` and the avatar's renderer, driven in the worker pool."""
+    """An ``Fmp4Stream`` and the avatar's renderer, driven in the CPU scheduler."""
 
-    def __init__(self, stream: Fmp4Stream, renderer: AvatarRenderer, workers: Executor) -> None:
+    def __init__(self, stream: Fmp4Stream, renderer: AvatarRenderer, cpu: CpuScheduler,
+                 capacity: Capacity | None = None) -> None:
         self._stream = stream
         self._renderer = renderer
-        self._workers = workers
+        self._cpu = cpu
+        self._capacity = capacity
         self._inflight: Future[bytes] | None = None
         self.closed = False
         self.mime = stream.mime
@@ -121,21 +128,25 @@ class LocalStream:
     def size(self) -> tuple[int, int]:
         return self._renderer.size
 
-    async def _work(self, fn: object, *args: object) -> bytes:
-        future: Future[bytes] = self._workers.submit(fn, *args)  # type: ignore[arg-type]
+    async def _work(self, deadline: float | None, fn: object, *args: object) -> bytes:
+        due = time.perf_counter() if deadline is None else deadline
+        future: Future[bytes] = self._cpu.submit(fn, *args, deadline=due, kind="render")  # type: ignore[arg-type]
         self._inflight = future
         return await asyncio.wrap_future(future)
 
-    async def batch(self, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None) -> bytes:
+    async def batch(self, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None, *,
+                    deadline: float | None = None) -> bytes:
         if self.closed:
             raise MediaError("render_failed", "the stream is closed")
-        return await self._work(_render_counted, self._stream, self._renderer, mouth, first_frame, audio)
+        hold = 2 if self._capacity is not None and self._capacity.check() else 1  # overloaded: fewer faces
+        return await self._work(deadline, _render_counted, self._stream, self._renderer, mouth, first_frame, audio,
+                                hold)
 
     async def close(self) -> bytes:
         if self.closed:
             return b""
         self.closed = True
-        return await self._work(self._stream.close)
+        return await self._work(None, self._stream.close)
 
     def abort(self) -> None:
         if self.closed:
@@ -150,9 +161,11 @@ class LocalStream:
 
 
 class LocalAvatarMedia:
-    def __init__(self, avatars: AvatarLibrary, workers: Executor, settings: Settings, idle: IdleSource | None = None) -> None:
+    def __init__(self, avatars: AvatarLibrary, cpu: CpuScheduler, settings: Settings, idle: IdleSource | None = None,
+                 capacity: Capacity | None = None) -> None:
         self._avatars = avatars
-        self._workers = workers
+        self._cpu = cpu
+        self._capacity = capacity
         self._s = settings
         self._idle = idle
 
@@ -166,7 +179,7 @@ class LocalAvatarMedia:
         return name in self._avatars.names()
 
     async def size(self, name: str) -> tuple[int, int]:
-        renderer = await asyncio.get_running_loop().run_in_executor(self._workers, self._avatars.renderer, name)
+        renderer = await self._cpu.run(self._avatars.renderer, name, deadline=time.perf_counter(), kind="load")
         return renderer.size
 
     def _open(self, name: str, audio_rate: int) -> LocalStream:
@@ -177,10 +190,11 @@ class LocalAvatarMedia:
         stream = Fmp4Stream(width, height, self._s.avatar.fps, audio_rate, crf=v.crf, preset=v.preset,
                             threads=v.threads, audio_bitrate=v.audio_bitrate)
         stream.start()
-        return LocalStream(stream, renderer, self._workers)
+        return LocalStream(stream, renderer, self._cpu, self._capacity)
 
-    async def open(self, name: str, audio_rate: int) -> LocalStream:
-        future = self._workers.submit(self._open, name, audio_rate)
+    async def open(self, name: str, audio_rate: int, *, deadline: float | None = None) -> LocalStream:
+        due = time.perf_counter() if deadline is None else deadline
+        future = self._cpu.submit(self._open, name, audio_rate, deadline=due, kind="render")
         try:
             return await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:

@@ -74,11 +74,17 @@ class Timeline:
 
 
 def render_batch(
-    stream: Fmp4Stream, renderer: AvatarRenderer, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None
+    stream: Fmp4Stream, renderer: AvatarRenderer, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None,
+    hold: int = 1,
 ) -> bytes:
-    """Encode ``audio`` (if given) then one frame per mouth row; return the bytes produced."""
+    """Encode ``audio`` (if given) then one frame per mouth row; return the bytes produced. With ``hold`` > 1
+    (overload), a face is rendered only every ``hold`` frames and shown until the next: the stream keeps
+    its frame rate and timing."""
     if audio is not None:
         stream.add_audio(audio)
+    image = None
     for k, row in enumerate(mouth):
-        stream.add_frame(renderer.render(first_frame + k, row))
+        if image is None or (first_frame + k) % hold == 0:
+            image = renderer.render(first_frame + k, row)
+        stream.add_frame(image)
     return stream.take()

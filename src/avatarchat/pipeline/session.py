@@ -18,8 +18,9 @@ import psutil
 
 from avatarchat import metrics
 from avatarchat.config import SessionConfig
-from avatarchat.engines.llm.base import LLMEngine, Prefills
+from avatarchat.engines.llm.base import LLMEngine, Prefills, conversation
 from avatarchat.pipeline.avatar_media import AvatarMedia
+from avatarchat.pipeline.capacity import Capacity
 from avatarchat.pipeline.history import History
 from avatarchat.pipeline.turn import Sender, Turn, TurnError, TurnResult
 from avatarchat.pipeline.voice import VoiceInput
@@ -31,9 +32,10 @@ log = logging.getLogger(__name__)
 
 
 class SessionLimitError(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 class GatedSender:
@@ -162,7 +164,8 @@ class Session:
             media=self.media,
             avatar=self.avatar,
             history=self.history,
-            workers=self.engines.workers,
+            cpu=self.engines.cpu,
+            capacity=self.engines.capacity,
             send=self._gate or self.send,
             first_frame=self._frame,
             t0=t0,
@@ -206,6 +209,7 @@ class Session:
         self._playback = Playback(turn_id, position_ms, playing, time.perf_counter())
 
     async def _run(self, turn: Turn) -> None:
+        conversation.set(self.id)  # this task's context: the local LLM keeps this session's KV state apart
         try:
             result = await turn.run()
         except TurnError as e:
@@ -223,6 +227,7 @@ class Session:
             self._prefill = asyncio.create_task(self._prefill_history(), name=f"prefill-{self.id[:8]}")
 
     async def _prefill_history(self) -> None:
+        conversation.set(self.id)
         try:
             await self.engines.llm.prefill(self.history.messages())  # type: ignore[attr-defined]
         except Exception:  # an optimisation only: the next turn evaluates whatever is missing
@@ -280,9 +285,10 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, config: SessionConfig, media: AvatarMedia) -> None:
+    def __init__(self, config: SessionConfig, media: AvatarMedia, capacity: Capacity | None = None) -> None:
         self._config = config
         self.media = media
+        self.capacity = capacity
         self._sessions: dict[str, Session] = {}
         self._process = psutil.Process()
 
@@ -299,13 +305,22 @@ class SessionManager:
         if len(self._sessions) >= self._config.max_sessions:
             metrics.SESSIONS_REFUSED.labels("max_sessions").inc()
             raise SessionLimitError(
-                "max_sessions", f"the server is at its limit of {self._config.max_sessions} sessions; try again later"
+                "max_sessions", f"the server is at its limit of {self._config.max_sessions} sessions; try again later",
+                self._config.retry_after_s,
+            )
+        held = self.capacity.sessions if self.capacity is not None else self._config.max_sessions
+        if len(self._sessions) >= held:
+            metrics.SESSIONS_REFUSED.labels("capacity").inc()
+            raise SessionLimitError(
+                "capacity", f"the server is holding all the live conversations its CPU can serve ({held}); "
+                f"try again in {self._config.retry_after_s:g} s", self._config.retry_after_s,
             )
         rss_mb = self._process.memory_info().rss / 2**20
         if rss_mb > self._config.memory_ceiling_mb:
             metrics.SESSIONS_REFUSED.labels("memory").inc()
             raise SessionLimitError(
-                "memory", f"the server is above its memory ceiling ({rss_mb:.0f} MB > {self._config.memory_ceiling_mb} MB)"
+                "memory", f"the server is above its memory ceiling ({rss_mb:.0f} MB > {self._config.memory_ceiling_mb} MB)",
+                self._config.retry_after_s,
             )
 
     def open(self, engines: Engines, send: Sender, avatar: str, on_idle: Callable[[Session], None]) -> Session:

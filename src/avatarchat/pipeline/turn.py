@@ -1,7 +1,9 @@
 """One turn: user text → streamed LLM text → spoken pieces → TTS → avatar frames → fMP4 → client.
 
 Three asyncio stages joined by bounded queues run concurrently, so piece 2 is synthesized while
-piece 1 renders. CPU work (TTS, rendering, encoding) runs in the worker pool, never on the loop.
+piece 1 renders. CPU work (LLM steps, TTS, rendering, encoding) runs in the CPU scheduler's slots,
+never on the loop, each unit at the turn's deadline (pipeline/scheduler.py): before the first
+fragment, the first-video target; then when the person's player would run out of media.
 Cancelling the task that runs ``Turn.run`` stops every stage at its next await.
 """
 
@@ -10,22 +12,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from avatarchat import metrics
 from avatarchat.config import Settings
-from avatarchat.engines.llm.base import LLMEngine, LLMError, SharesCPU
+from avatarchat.engines.llm.base import LLMEngine, LLMError
 from avatarchat.engines.tts.base import TTSEngine, TTSError
 from avatarchat.pipeline.avatar_media import AvatarMedia, MediaError, MediaStream
+from avatarchat.pipeline.capacity import Capacity
 from avatarchat.pipeline.history import History
+from avatarchat.pipeline import scheduler as sched
 from avatarchat.pipeline.media import Piece, Timeline, speakable
 from avatarchat.pipeline.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
 _FIRST_BATCH = 2  # frames: the first fragment leaves as soon as possible
+_SYNTH_LEAD_S = 0.3  # the LLM's text for a piece is due this long before its speech, for the TTS to run
 # Audio is encoded batch by batch, this many samples ahead of the video: the first fragment does not
 # pay for a whole piece's AAC, and even after the encoder's one-frame delay every fragment carries
 # more audio than video, so MediaSource's buffered range is set by the video.
@@ -65,8 +69,9 @@ class Turn:
         media: AvatarMedia,
         avatar: str,
         history: History,
-        workers: Executor,
+        cpu: sched.CpuScheduler,
         send: Sender,
+        capacity: Capacity | None = None,
         first_frame: int = 0,
         t0: float | None = None,
     ) -> None:
@@ -78,9 +83,12 @@ class Turn:
         self._media = media
         self._avatar = avatar
         self._history = history
-        self._workers = workers
+        self._cpu = cpu
+        self._capacity = capacity
         self._send = send
         self._t0 = t0 if t0 is not None else time.perf_counter()
+        p = settings.pipeline
+        self.deadline = sched.Deadline(self._t0, p.first_video_target_ms / 1000, p.deadline_margin_ms / 1000)
         self._frame = first_frame
         self._first_frame = first_frame
         self._tail_frames = 0
@@ -93,7 +101,21 @@ class Turn:
         self.sentences: list[tuple[int, int, str]] = []  # (start ms, duration ms, text) of each spoken piece
         self.first_media_at: float | None = None  # perf_counter() when the first fragment went out
         self.discarded = False  # a speculative turn that was dropped: it leaves no trace in the history
-        self._llm_held = False
+        self._cut_ms = 0.0  # estimated speech of the pieces the LLM's text has been cut into so far
+
+    def _next_text_due(self) -> float:
+        """When the LLM's next words are needed: in time to synthesize them before the speech of the pieces
+        already cut has played. That speech is not synthesized yet: its length is estimated from the text,
+        on the short side."""
+        return self.deadline.at(0.8 * self._cut_ms) - _SYNTH_LEAD_S
+
+    def _next_speech_due(self) -> float:
+        """When the next piece's speech (and the LLM text it needs) must be ready: when the player
+        reaches the end of what is synthesized so far."""
+        return self.deadline.at(self._timeline.ms if self._timeline is not None else 0)
+
+    def _next_frames_due(self) -> float:
+        return self.deadline.at((self._frame - self._first_frame) * 1000 / self._s.avatar.fps)
 
     @property
     def next_frame(self) -> int:
@@ -132,6 +154,7 @@ class Turn:
         texts: asyncio.Queue[str | None] = asyncio.Queue(self._s.pipeline.queue_size)
         pieces: asyncio.Queue[Piece | None] = asyncio.Queue(self._s.pipeline.queue_size)
         completed = False
+        sched.current.set(self._next_text_due)  # the LLM engine reads it (this task's context)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._llm_stage(messages, texts))
@@ -141,7 +164,6 @@ class Turn:
         except* TurnError as group:
             raise group.exceptions[0] from None
         finally:
-            self._release_llm()
             self._release_stream()
             if not self.discarded:
                 self._history.add("user", self.user_text)
@@ -164,6 +186,7 @@ class Turn:
                 await self._send.event("text_delta", turn_id=self.turn_id, delta=delta)
                 for piece in seg.push(delta):
                     self._mark("first_piece")
+                    self._cut_ms += speech_ms_estimate(piece) / self._s.tts.rate
                     await out.put(piece)
         except LLMError as e:
             raise TurnError("llm_failed", str(e)) from e
@@ -173,7 +196,6 @@ class Turn:
         await out.put(None)
 
     async def _tts_stage(self, inp: asyncio.Queue[str | None], out: asyncio.Queue[Piece | None]) -> None:
-        loop = asyncio.get_running_loop()
         timeline = self._timeline = Timeline(self._s.avatar.fps, self._audio_rate())
         rate = self._s.tts.rate
 
@@ -181,25 +203,18 @@ class Turn:
             start = time.perf_counter()
             speech = self._tts.synthesize(text, rate=rate)
             metrics.STAGE_SECONDS.labels("tts").observe(time.perf_counter() - start)
+            if self._capacity is not None:
+                self._capacity.observe_speech(speech.duration)
             return timeline.prepare(speech)
 
-        index = 0
         while (text := await inp.get()) is not None:
             spoken = speakable(text)
             if not spoken:
                 continue
-            # The cores go to the speech of the first pieces, which the listener is waiting for: the LLM
-            # is far ahead of speech anyway. The first piece's hold lasts until its first frame is out.
-            if index < self._s.pipeline.eager_pieces and isinstance(self._llm, SharesCPU) and not self._llm_held:
-                self._llm.hold()
-                self._llm_held = True
             try:
-                piece = await loop.run_in_executor(self._workers, synth, spoken)
+                piece = await self._cpu.run(synth, spoken, deadline=self._next_speech_due(), kind="tts")
             except TTSError as e:
                 raise TurnError("tts_failed", str(e)) from e
-            if index > 0:
-                self._release_llm()
-            index += 1
             self._mark("first_audio")
             await out.put(piece)
         await out.put(None)
@@ -208,7 +223,8 @@ class Turn:
         batch = self._s.pipeline.render_batch_frames
         index = 0
         start_ms = 0
-        self._opening = asyncio.ensure_future(self._media.open(self._avatar, self._audio_rate()))
+        self._opening = asyncio.ensure_future(self._media.open(self._avatar, self._audio_rate(),
+                                                               deadline=self.deadline.at(0)))
         while (piece := await inp.get()) is not None:
             stream = self._stream or await self._take_opened_stream()
             await self._send.event(
@@ -230,7 +246,8 @@ class Turn:
                 audio, fed = piece.audio[fed:until], max(fed, until)
                 # Frames are counted where they are rendered (pipeline/avatar_media.py), maybe another process.
                 try:
-                    data = await stream.batch(rows, self._frame, audio if len(audio) else None)
+                    data = await stream.batch(rows, self._frame, audio if len(audio) else None,
+                                              deadline=self._next_frames_due())
                 except MediaError as e:
                     raise TurnError(e.code, str(e)) from e
                 pos += len(rows)
@@ -275,8 +292,7 @@ class Turn:
             assert self._stream is not None
             await self._send.event("media_start", turn_id=self.turn_id, mime=self._stream.mime)
             self._mark("first_video")
-            self.first_media_at = time.perf_counter()
-            self._release_llm()
+            self.first_media_at = self.deadline.first_media_at = time.perf_counter()
         metrics.MEDIA_BYTES.inc(len(data))
         await self._send.media(self.turn_id, data)
 
@@ -291,11 +307,6 @@ class Turn:
         if ahead_ms > self._s.pipeline.max_lead_ms:
             await asyncio.sleep((ahead_ms - self._s.pipeline.max_lead_ms) / 1000)
 
-    def _release_llm(self) -> None:
-        if self._llm_held:
-            self._llm_held = False
-            self._llm.release()  # type: ignore[attr-defined]
-
     def _release_stream(self) -> None:
         opening, self._opening = self._opening, None
         if opening is not None:  # prepared but never used: the turn ended before its first piece
@@ -309,6 +320,12 @@ class Turn:
             elapsed = time.perf_counter() - self._t0
             self.timings[name] = round(elapsed * 1000)
             metrics.STAGE_SECONDS.labels(name).observe(elapsed)
+
+
+def speech_ms_estimate(text: str) -> float:
+    """About how long ``text`` takes to say: ~65 ms a letter in alphabetic scripts, ~220 ms a CJK character."""
+    cjk = sum(1 for ch in text if "\u3400" <= ch <= "\u9fff")
+    return 65.0 * (len(text) - cjk) + 220.0 * cjk
 
 
 def _abort_opened(future: asyncio.Future[MediaStream]) -> None:

@@ -23,6 +23,7 @@ from avatarchat.pipeline.avatar_media import AvatarMedia, LocalAvatarMedia, Medi
 from avatarchat.pipeline.session import SessionManager
 from avatarchat.server.assets import WebAppFiles
 from avatarchat.server.avatar_api import router as avatar_router, service_error
+from avatarchat.pipeline.capacity import calibrate_capacity
 from avatarchat.server.idle import IdleClips
 from avatarchat.server.llm_api import router as llm_router
 from avatarchat.server.monitor import router as monitor_router
@@ -69,19 +70,19 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
                 max_upload_bytes=settings.avatar.max_upload_bytes,
                 max_pixels=settings.avatar.max_upload_pixels,
             )
-            service = LocalAvatarService(store, eng.avatars, eng.workers, settings.avatar.fps,
+            service = LocalAvatarService(store, eng.avatars, eng.cpu.background, settings.avatar.fps,
                                          lambda: _tts_info(eng), settings.services.webrtc_max_peers)
-            local = LocalAvatarMedia(eng.avatars, eng.workers, settings, app.state.idle)
+            local = LocalAvatarMedia(eng.avatars, eng.cpu, settings, app.state.idle, eng.capacity)
             media, parts, warm = local, PARTS, app.state.idle
             if role == "avatar":  # it needs only its renderer (no LLM, VAD or ASR), and renders for gateways
                 render = app.state.render = RenderStreams(local, settings.services.render, settings.avatar.fps)
                 parts = ("avatar",)
         app.state.media = media
-        app.state.sessions = SessionManager(settings.session, media)
+        app.state.sessions = SessionManager(settings.session, media, eng.capacity)
         app.state.avatar_store = store
         app.state.avatar_service = service
         # Load in the background: /health answers at once, /ready once the models are warm.
-        loader = asyncio.create_task(_load(eng, warm, parts))
+        loader = asyncio.create_task(_load(eng, warm, parts, calibrate=role != "avatar", render=role != "gateway"))
         try:
             yield
         finally:
@@ -219,9 +220,15 @@ def router_channels(llm: object) -> list[dict[str, object]] | None:
     return [{k: c[k] for k in keys} for c in router.channels()]
 
 
-async def _load(engines: Engines, idle: IdleClips | None, parts: tuple[str, ...] = PARTS) -> None:
+async def _load(engines: Engines, idle: IdleClips | None, parts: tuple[str, ...] = PARTS, *,
+                calibrate: bool = True, render: bool = True) -> None:
+    async def warm() -> None:
+        if idle is not None:
+            await idle.get(engines.settings.avatar.default)
+        if calibrate:  # the cost of a speaking session, for admission (pipeline/capacity.py)
+            await calibrate_capacity(engines, render=render)
+
     try:
-        warm = None if idle is None else (lambda: idle.get(engines.settings.avatar.default))
         await engines.start(then=warm, parts=parts)
     except Exception:
         log.exception("start-up failed; /ready stays 503")

@@ -21,6 +21,15 @@ def _samples(metric: Any, suffix: str = "") -> list[tuple[dict[str, str], float]
     ]
 
 
+def _capacity(request: Request) -> dict[str, Any]:
+    capacity = getattr(request.app.state.engines, "capacity", None)
+    if capacity is None:
+        return {}
+    cost = capacity.cost
+    return {"capacity_sessions": capacity.sessions, "cost_per_speech_s": None if cost is None else round(cost, 3),
+            "degrade_level": capacity.degrade}
+
+
 @router.get("/monitor")
 async def monitor(request: Request, turns: int = Query(50, ge=1, le=200)) -> dict[str, Any]:
     """Process CPU % (since the previous call) and RSS, sessions, render fps, errors and the last turns' latencies."""
@@ -36,6 +45,7 @@ async def monitor(request: Request, turns: int = Query(50, ge=1, le=200)) -> dic
         "ready": request.app.state.engines.ready.is_set(),
         "sessions": len(request.app.state.sessions),
         "max_sessions": request.app.state.settings.session.max_sessions,
+        **_capacity(request),
         "cpu_percent": round(cpu, 1),
         "cpu_count": psutil.cpu_count() or 1,
         "rss_mb": round(rss / 2**20, 1),

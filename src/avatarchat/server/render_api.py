@@ -15,6 +15,7 @@ internal network. Its limits bound what any caller can take.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -24,7 +25,7 @@ from pydantic import BaseModel, Field
 from avatarchat.engines.avatar.library import UnknownAvatarError
 from avatarchat.pipeline.avatar_media import AvatarMedia, MediaError
 from avatarchat.services.render_streams import RenderStreams
-from avatarchat.services.render_wire import FRAMES, RenderRequestError, batch_shape, max_body, unpack_batch
+from avatarchat.services.render_wire import FRAMES, RenderRequestError, batch_shape, due_ms, max_body, unpack_batch
 
 router = APIRouter(prefix="/api/render", include_in_schema=False)
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -78,8 +79,10 @@ async def batch(request: Request, stream_id: str) -> Response:
     try:
         frames, first, samples = batch_shape(request.headers, c.max_batch_frames, c.max_batch_samples)
         body = await _read_body(request, max_body(c.max_batch_frames, c.max_batch_samples))
+        due = due_ms(request.headers)
         mouth, audio = unpack_batch(body, frames, samples)
-        data, total = await streams.batch(_checked_id(stream_id), mouth, first, audio)
+        deadline = None if due is None else time.perf_counter() + due / 1000
+        data, total = await streams.batch(_checked_id(stream_id), mouth, first, audio, deadline)
     except RenderRequestError as e:
         raise _fail(e) from e
     except MediaError as e:

@@ -245,7 +245,9 @@ async def session_socket(ws: WebSocket) -> None:
     try:
         session = manager.open(engines, sender, avatar, on_idle)
     except SessionLimitError as e:
-        await sender.event("error", code="session_limit", message=str(e), fatal=True)
+        code = "server_busy" if e.reason == "capacity" else "session_limit"
+        retry = {} if e.retry_after_s is None else {"retry_after_ms": round(e.retry_after_s * 1000)}
+        await sender.event("error", code=code, message=str(e), fatal=True, **retry)
         await ws.close(1013)
         return
     try:

@@ -83,11 +83,13 @@ class AvatarService(Protocol):
 class LocalAvatarService:
     """The avatar service's own implementation, called in-process (roles ``all`` and ``avatar``)."""
 
-    def __init__(self, store: AvatarStore, avatars: AvatarLibrary, workers: Executor, fps: int,
+    def __init__(self, store: AvatarStore, avatars: AvatarLibrary, background: Executor, fps: int,
                  tts_info: Callable[[], dict[str, Any]], max_peers: int) -> None:
         self._store = store
         self._avatars = avatars
-        self._workers = workers
+        # Uploads (face detection on full-size images), previews and WebRTC idle frames: background work,
+        # on the scheduler's low-priority pool, so they never delay a live turn (issue 13).
+        self._workers = background
         self._fps = fps
         self._tts_info = tts_info
         self.peers = PeerManager(self._idle_frames, fps, max_peers, self._run)

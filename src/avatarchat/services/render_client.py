@@ -21,7 +21,7 @@ from avatarchat.config import RenderServiceConfig
 from avatarchat.engines.avatar.library import UnknownAvatarError
 from avatarchat.pipeline.avatar_media import MediaError
 from avatarchat.services.avatar_client import error_detail, unreachable
-from avatarchat.services.render_wire import FRAMES, pack_batch
+from avatarchat.services.render_wire import DUE_MS, FRAMES, pack_batch
 
 log = logging.getLogger(__name__)
 UNAVAILABLE = "avatar_service_unavailable"
@@ -42,10 +42,13 @@ class RemoteStream:
             raise MediaError("render_failed", f"avatar service answer has no {FRAMES} header")
         self.frames = int(raw)
 
-    async def batch(self, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None) -> bytes:
+    async def batch(self, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None, *,
+                    deadline: float | None = None) -> bytes:
         if self.closed:
             raise MediaError("render_failed", "the stream is closed")
         headers, body = pack_batch(mouth, first_frame, audio)
+        if deadline is not None:  # relative: the two processes' clocks differ
+            headers[DUE_MS] = str(max(0, round((deadline - time.perf_counter()) * 1000)))
         started = time.perf_counter()
         r = await self._owner.request("POST", f"/api/render/{self.id}/batch", content=body, headers=headers)
         # The round trip, rendering included; the frames themselves are counted by the avatar service.
@@ -152,7 +155,7 @@ class RemoteAvatarMedia:
 
     # -- streams and clips ------------------------------------------------------------------------
 
-    async def open(self, name: str, audio_rate: int) -> RemoteStream:
+    async def open(self, name: str, audio_rate: int, *, deadline: float | None = None) -> RemoteStream:
         try:
             r = await self.request("POST", "/api/render/open", json={"avatar": name, "audio_rate": audio_rate,
                                                                      "fps": self._fps})

@@ -79,13 +79,13 @@ class RenderStreams:
         return entry
 
     async def batch(self, stream_id: str, mouth: np.ndarray, first_frame: int,
-                    audio: np.ndarray | None) -> tuple[bytes, int]:
+                    audio: np.ndarray | None, deadline: float | None = None) -> tuple[bytes, int]:
         entry = self._get(stream_id)
         async with entry.lock:
             if self._streams.get(stream_id) is not entry:  # aborted or expired while this batch waited
                 raise RenderRequestError(404, f"render stream {stream_id[:40]!r} was closed")
             try:
-                data = await entry.stream.batch(mouth, first_frame, audio)
+                data = await entry.stream.batch(mouth, first_frame, audio, deadline=deadline)
             finally:
                 entry.last_used = time.monotonic()
             self.frames += len(mouth)

@@ -15,6 +15,8 @@ import numpy as np
 FRAMES = "x-render-frames"  # request: mouth rows in the body; response: video frames in the stream so far
 FIRST_FRAME = "x-render-first-frame"  # the avatar's frame index of the first row (idle motion continues across turns)
 SAMPLES = "x-render-samples"  # audio samples after the mouth rows
+DUE_MS = "x-render-due-ms"  # optional: the gateway's player needs these frames in this many ms (the deadline)
+MAX_DUE_MS = 3_600_000
 MOUTH_COLUMNS = 3  # open, wide, press (engines/avatar/visemes.py)
 _F32 = np.dtype("<f4")
 MAX_FIRST_FRAME = 2**31 - 1
@@ -54,6 +56,13 @@ def batch_shape(headers: Mapping[str, str], max_frames: int, max_samples: int) -
     if frames == 0:
         raise RenderRequestError(400, f"a batch needs at least one mouth row ({FRAMES} >= 1)")
     return frames, _count(headers, FIRST_FRAME, MAX_FIRST_FRAME), _count(headers, SAMPLES, max_samples)
+
+
+def due_ms(headers: Mapping[str, str]) -> int | None:
+    """The optional deadline header; absent: None (the batch is due as it comes)."""
+    if headers.get(DUE_MS) is None:
+        return None
+    return _count(headers, DUE_MS, MAX_DUE_MS)
 
 
 def unpack_batch(body: bytes, frames: int, samples: int) -> tuple[np.ndarray, np.ndarray | None]:

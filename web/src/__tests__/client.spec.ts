@@ -140,6 +140,28 @@ describe("ChatClient", () => {
     expect(FakeSocket.all.length).toBe(2);
   });
 
+  it("waits as long as a busy server asks before reconnecting", () => {
+    vi.useFakeTimers();
+    try {
+      vi.stubGlobal("WebSocket", FakeSocket);
+      const ui = reactive(emptyUi());
+      const client = new ChatClient(ui, { location: { protocol: "http:", host: "x" }, avatar: () => null, desired: () => ({}), WebSocketImpl: FakeSocket as unknown as typeof WebSocket });
+      client.connect();
+      const before = FakeSocket.all.length;
+      const ws = FakeSocket.last!;
+      ws.emit({ type: "error", code: "server_busy", message: "holding all the live conversations it can serve (4)", fatal: true, retry_after_ms: 5000 });
+      ws.close();
+      expect(ui.error?.title).toBe("The server is busy");
+      expect(ui.retryAt! - Date.now()).toBeGreaterThanOrEqual(4900);
+      vi.advanceTimersByTime(4000);
+      expect(FakeSocket.all.length).toBe(before);
+      vi.advanceTimersByTime(1100);
+      expect(FakeSocket.all.length).toBe(before + 1);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
   it("falls back to the default avatar when the saved one was deleted", () => {
     const { client, ws, gone } = setup();
     void client;

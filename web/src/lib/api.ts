@@ -111,6 +111,9 @@ export interface MonitorData {
   ready: boolean;
   sessions: number;
   max_sessions: number;
+  capacity_sessions?: number; // live conversations the CPU holds (measured); beyond it, server_busy
+  cost_per_speech_s?: number | null;
+  degrade_level?: number; // 1: overloaded, each face rendered for two frames
   cpu_percent: number;
   cpu_count: number;
   rss_mb: number;

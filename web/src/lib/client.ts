@@ -457,6 +457,8 @@ export class ChatClient {
     }
     if (e.fatal) {
       if (e.code === "idle_timeout") this.noReconnect = true;
+      // A busy server says when to try again: wait that long before reconnecting (backoff grows from there).
+      if (e.retry_after_ms !== undefined) this.backoff = Math.min(Math.max(e.retry_after_ms, 500), 30_000);
       this.ui.error = describeError(e.code, e.message);
       return;
     }

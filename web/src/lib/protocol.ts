@@ -29,7 +29,7 @@ export type ServerEvent =
   | { type: "sentence"; turn_id: number; index: number; text: string; start_ms: number; duration_ms: number }
   | { type: "media_start"; turn_id: number; mime: string }
   | { type: "turn_done"; turn_id: number; reason: "complete" | "stopped" | "interrupted" | "error"; text: string; media_ms: number; timings: Timings }
-  | { type: "error"; code: string; message: string; fatal: boolean; turn_id?: number }
+  | { type: "error"; code: string; message: string; fatal: boolean; turn_id?: number; retry_after_ms?: number }
   | { type: "pong"; id?: unknown }
   | { type: "mic_ready"; sample_rate: number; format: string }
   | { type: "speech_start"; voiced_ms: number }
@@ -84,6 +84,7 @@ export interface UiError {
 export function describeError(code: string, message: string): UiError {
   switch (code) {
     case "session_limit":
+    case "server_busy":
       return { code, title: "The server is busy", message: `${message}. Retrying automatically.`, action: "reconnect" };
     case "unreachable":
       return { code, title: "Cannot reach the server", message, action: "reconnect" };

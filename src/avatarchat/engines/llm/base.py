@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
+
+# The conversation (session id) that the running code serves: a local engine keeps each conversation's
+# state apart by it (engines/llm/llama_cpp.py). Set by the session in its turn and prefill tasks.
+conversation: ContextVar[str | None] = ContextVar("conversation", default=None)
 
 
 class LLMError(RuntimeError):
@@ -25,20 +30,6 @@ class LLMEngine(Protocol):
         ...
 
     def count_tokens(self, text: str) -> int: ...
-
-
-@runtime_checkable
-class SharesCPU(Protocol):
-    """A local engine that competes with TTS and rendering for the same cores.
-
-    ``hold`` pauses its generation between tokens until the matching ``release``: the pipeline holds
-    it while the first piece of a reply is synthesized and rendered, which is the latency the person
-    notices. Generation runs far faster than speech, so the pause costs no fluency.
-    """
-
-    def hold(self) -> None: ...
-
-    def release(self) -> None: ...
 
 
 @runtime_checkable

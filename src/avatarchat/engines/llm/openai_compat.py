@@ -18,8 +18,9 @@ class OpenAIEngine:
 
     def __init__(self, config: OpenAIConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._config = config
+        # Requests beyond max_concurrent wait for a pooled connection (up to the first-token timeout).
         timeout = httpx.Timeout(
-            connect=config.connect_timeout_s, read=config.read_timeout_s, write=10.0, pool=config.connect_timeout_s
+            connect=config.connect_timeout_s, read=config.read_timeout_s, write=10.0, pool=config.first_token_timeout_s
         )
         headers = {"Accept": "text/event-stream"}
         if key := config.resolved_key():
@@ -29,7 +30,8 @@ class OpenAIEngine:
             timeout=timeout,
             headers=headers,
             # Expire idle connections before the server does (see services/llm_exec.py).
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=2.0),
+            limits=httpx.Limits(max_connections=config.max_concurrent,
+                                max_keepalive_connections=min(16, config.max_concurrent), keepalive_expiry=2.0),
             transport=transport,
         )
 

@@ -22,8 +22,9 @@ from avatarchat.router.service import Router
 class RouterEngine:
     name = "router"
 
-    def __init__(self, settings: Settings, local: LLMEngine | None = None) -> None:
+    def __init__(self, settings: Settings, cpu: Any = None, local: LLMEngine | None = None) -> None:
         self._settings = settings
+        self._cpu = cpu  # the CPU scheduler that the local channel's decoding steps run in
         self._conf = settings.llm.router
         self._local: Any = local
         self.router: Router | None = None
@@ -42,7 +43,7 @@ class RouterEngine:
         if self._local is None and any(p.type == "local" and not p.base_url for p in cfg.providers.values()):
             from avatarchat.engines.llm.llama_cpp import LlamaCppEngine
 
-            self._local = LlamaCppEngine(self._settings.llm.llama_cpp, self._settings.llm.system_prompt)
+            self._local = LlamaCppEngine(self._settings.llm.llama_cpp, self._settings.llm.system_prompt, self._cpu)
         router = Router(cfg, path, local_engine=self._local)
         # Independent: the local model loads while the router reads its discovery snapshot.
         await asyncio.gather(self._local.start() if self._local is not None else asyncio.sleep(0), router.start())
@@ -94,15 +95,6 @@ class RouterEngine:
             except Exception:
                 pass
         return approx_tokens(text)
-
-    # The local channel shares the cores with TTS and rendering (see SharesCPU).
-    def hold(self) -> None:
-        if self._local is not None and hasattr(self._local, "hold"):
-            self._local.hold()
-
-    def release(self) -> None:
-        if self._local is not None and hasattr(self._local, "release"):
-            self._local.release()
 
     async def stream(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float) -> AsyncIterator[str]:
         if self.router is None:

@@ -63,6 +63,9 @@ class PiperEngine:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = self._config.threads
         options.inter_op_num_threads = 1
+        # No spin-waiting between ops: beside other sessions' work on the same cores, a spinning thread
+        # takes the core from the work it waits for (many sessions at once, issue 13).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(
             model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
         )
