@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 from websockets.asyncio.client import connect
 
@@ -49,6 +50,9 @@ REMOTE_REPLY = ("Sure, here is a short answer for you. The sea covers most of ou
                 "of years, and we still have not explored most of it.")
 
 
+VOICE = False  # --voice: every session speaks its question (Piper speech fed in real time) instead of typing
+
+
 async def session(base: str, prompt: str, start_at: float, result: dict[str, Any]) -> None:
     await asyncio.sleep(max(0.0, start_at - 0.4 - time.perf_counter()))
     opened = time.perf_counter()
@@ -61,9 +65,22 @@ async def session(base: str, prompt: str, start_at: float, result: dict[str, Any
                 result["refused"] = e.get("code")
                 result["refused_ms"] = (time.perf_counter() - opened) * 1000
                 return
-        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
-        t0 = time.perf_counter()
-        await ws.send(json.dumps({"type": "user_text", "text": prompt}))
+        feeder = None
+        if VOICE:
+            from tests.support.speech import feed_realtime, piper_16k, silence
+
+            await ws.send(json.dumps({"type": "mic_start"}))
+            speech = piper_16k(prompt)
+            loud = np.flatnonzero(np.abs(speech) > 0.01)
+            speech = speech[: int(loud[-1]) + 1]
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+            await feed_realtime(ws, np.concatenate([silence(0.2), speech]))
+            t0 = time.perf_counter()  # the end of the person's speech
+            feeder = asyncio.create_task(feed_realtime(ws, silence(1.5)))
+        else:
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"type": "user_text", "text": prompt}))
         player = Player(300)
         first_text = None
         turn_id = None
@@ -81,8 +98,10 @@ async def session(base: str, prompt: str, start_at: float, result: dict[str, Any
                 first_text = now
             elif e["type"] == "error":
                 result["error"] = e.get("code")
-            elif e["type"] == "turn_done":
+            elif e["type"] == "turn_done" and e["turn_id"] == turn_id:
                 break
+        if feeder is not None:
+            await feeder
         result.update(
             first_text_ms=None if first_text is None else (first_text - t0) * 1000,
             first_video_ms=None if player.first_at is None else (player.first_at - t0) * 1000,
@@ -101,7 +120,34 @@ def burn(fraction: float, stop: Any) -> None:
         time.sleep(period * (1 - fraction))
 
 
-async def run(base: str, pid: int, n: int, mode: str, stagger_s: float, offset: int) -> dict[str, Any]:
+def big_webp() -> bytes:
+    """A ~39-megapixel WebP of a public-domain face (skimage's astronaut, scaled up): small on the wire,
+    heavy to decode and to search for a face."""
+    import cv2
+    from skimage import data
+
+    image = cv2.resize(data.astronaut(), (7200, 5400), interpolation=cv2.INTER_CUBIC)
+    ok, buf = cv2.imencode(".webp", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_WEBP_QUALITY, 30])
+    assert ok
+    return buf.tobytes()
+
+
+async def upload_all(base: str, k: int, data: bytes, tag: str) -> list[float]:
+    """``k`` avatar uploads at once (background work for the server); each one's time, then deleted."""
+    async with httpx.AsyncClient(base_url=f"http://{base}", timeout=300) as c:
+        async def one(i: int) -> float:
+            t = time.perf_counter()
+            r = await c.post("/api/avatar/add", data={"name": f"up{tag}x{i}"}, files={"file": ("big.webp", data, "image/webp")})
+            took = time.perf_counter() - t
+            if r.status_code == 201:
+                await c.post("/api/avatar/delete", json={"name": f"up{tag}x{i}"})
+            return took if r.status_code in (201, 422) else float("nan")
+
+        return list(await asyncio.gather(*(one(i) for i in range(k))))
+
+
+async def run(base: str, pid: int, n: int, mode: str, stagger_s: float, offset: int,
+              uploads: int = 0, upload_data: bytes = b"") -> dict[str, Any]:
     proc = psutil.Process(pid)
     proc.cpu_percent(None)
     start = time.perf_counter() + 0.5
@@ -115,13 +161,16 @@ async def run(base: str, pid: int, n: int, mode: str, stagger_s: float, offset: 
             await asyncio.sleep(0.25)
 
     sampler = asyncio.create_task(sample())
+    up = asyncio.create_task(upload_all(base, uploads, upload_data, str(offset))) if uploads else None
     t = time.perf_counter()
     await asyncio.gather(*(session(base, PROMPTS[(offset + i) % len(PROMPTS)],
                                    start + (i * stagger_s if mode == "staggered" else 0.0), results[i])
                            for i in range(n)))
-    sampler.cancel()
     wall = time.perf_counter() - t
-    return {"sessions": results, "cpu_cores": proc.cpu_percent(None) / 100, "wall_s": wall, "rss_peak_mb": rss_peak}
+    upload_s = await up if up is not None else []
+    sampler.cancel()
+    return {"sessions": results, "cpu_cores": proc.cpu_percent(None) / 100, "wall_s": wall, "rss_peak_mb": rss_peak,
+            "upload_s": upload_s}
 
 
 async def main() -> None:
@@ -134,10 +183,20 @@ async def main() -> None:
     ap.add_argument("--tok-s", type=float, default=40.0, help="the loopback LLM's streaming rate (--llm openai)")
     ap.add_argument("--load", type=float, default=0.0, help="other CPU load beside the server, in cores")
     ap.add_argument("--max-tokens", type=int, default=80)
+    ap.add_argument("--uploads", type=int, default=0, help="avatar uploads of a 39 MP WebP started with each round")
+    ap.add_argument("--voice", action="store_true", help="sessions speak their question instead of typing it")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
+    global VOICE
+    VOICE = args.voice
+    if VOICE:
+        from tests.support.speech import piper_16k
+
+        for p in PROMPTS:
+            piper_16k(p)  # synthesize the test speech before timing anything
 
     env = {"AVATARCHAT_SESSION__MAX_SESSIONS": str(max(args.sessions) + 2),
+           "AVATARCHAT_AVATAR__MAX_UPLOAD_BYTES": str(50 * 2**20),
            "AVATARCHAT_LLM__MAX_TOKENS": str(args.max_tokens)}
     upstream = None
     if args.llm == "openai":
@@ -150,7 +209,8 @@ async def main() -> None:
     stop = multiprocessing.Event()
     burners = [multiprocessing.Process(target=burn, args=(min(1.0, args.load - k), stop), daemon=True)
                for k in range(int(-(-args.load // 1)))] if args.load > 0 else []
-    out: dict[str, Any] = {"llm": args.llm, "load": args.load, "runs": {}}
+    out: dict[str, Any] = {"llm": args.llm, "load": args.load, "uploads": args.uploads, "runs": {}}
+    upload_data = big_webp() if args.uploads else b""
     modes = ["burst", "staggered"] if args.mode == "both" else [args.mode]
     print(f"capacity: {machine()}, llm {args.llm}, other load {args.load} core(s)")
     with server(env) as (base, proc):
@@ -162,10 +222,12 @@ async def main() -> None:
             for mode in modes:
                 for n in args.sessions:
                     rows: list[dict[str, Any]] = []
-                    cpu, rss = [], []
+                    cpu, rss, uploaded = [], [], []
                     for r in range(args.rounds):
-                        res = await run(base, proc.pid, n, mode, args.stagger_s, offset=r * n)
+                        res = await run(base, proc.pid, n, mode, args.stagger_s, offset=r * n,
+                                        uploads=args.uploads, upload_data=upload_data)
                         rows += res["sessions"]
+                        uploaded += res["upload_s"]
                         cpu.append(res["cpu_cores"])
                         rss.append(res["rss_peak_mb"])
                         await asyncio.sleep(1.0)
@@ -182,6 +244,7 @@ async def main() -> None:
                                         "refused": len(refused), "refused_ms_max": max(refused) if refused else None,
                                         "cpu_cores_mean": sum(cpu) / len(cpu), "rss_peak_mb": max(rss),
                                         "stall_ms": sum(s.get("stall_ms", 0.0) for s in rows),
+                                        "upload_s": uploaded,
                                         "capacity_sessions": mon.get("capacity_sessions"),
                                         "cost_per_speech_s": mon.get("cost_per_speech_s"),
                                         "degrade_level": mon.get("degrade_level"),
@@ -192,14 +255,16 @@ async def main() -> None:
                           f"stalls {stalls} in {stalled_sessions}/{len(rows)} sessions  errors {len(errors)}  "
                           + (f"server_busy {len(refused)} (≤ {max(refused):.0f} ms)  " if refused else "") +
                           f"server CPU {sum(cpu) / len(cpu):.2f} cores  RSS {max(rss):.0f} MB  "
-                          f"capacity {mon.get('capacity_sessions')} (cost {mon.get('cost_per_speech_s')})", flush=True)
+                          f"capacity {mon.get('capacity_sessions')} (cost {mon.get('cost_per_speech_s')})"
+                          + (f"  uploads {len(uploaded)} took up to {max(uploaded):.1f} s" if uploaded else ""), flush=True)
         finally:
             stop.set()
             for b in burners:
                 b.join(5)
     if upstream is not None:
         upstream.stop()
-    dump(args.name or f"capacity_{args.llm}" + (f"_load{args.load:g}" if args.load else ""), out)
+    dump(args.name or f"capacity_{args.llm}" + ("_voice" if args.voice else "")
+         + (f"_load{args.load:g}" if args.load else "") + (f"_uploads{args.uploads}" if args.uploads else ""), out)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,48 @@ def test_page_plays_the_answer_gaplessly(live_app: LiveApp, browser) -> None:  #
     page.close()
 
 
+def _other_session(url: str, text: str, out: dict[str, object]) -> None:
+    """A second conversation on the same server, typed over its own WebSocket: runs one turn to the end."""
+    from websockets.sync.client import connect
+
+    with connect(url, max_size=None, open_timeout=30) as ws:
+        assert json.loads(ws.recv(30))["type"] == "session"
+        ws.send(json.dumps({"type": "user_text", "text": text}))
+        media = 0
+        while True:
+            msg = ws.recv(120)
+            if isinstance(msg, bytes):
+                media += len(msg)
+                continue
+            event = json.loads(msg)
+            if event["type"] == "turn_done":
+                out.update(reason=event["reason"], media_bytes=media, media_ms=event["media_ms"])
+                return
+
+
+def test_page_plays_gaplessly_while_another_session_speaks(live_app: LiveApp, browser) -> None:  # type: ignore[no-untyped-def]
+    """Issue 13: two conversations at once; the page's answer must still play without a stall."""
+    import threading
+
+    page = browser.new_page(viewport={"width": 1100, "height": 640})
+    page.goto(live_app.http + "/basic")
+    page.wait_for_function("window.avatarChat && window.avatarChat.state === 'ready'", timeout=30_000)
+    other: dict[str, object] = {}
+    thread = threading.Thread(target=_other_session, args=(live_app.ws, "Tell me about the sea and its fish.", other))
+    thread.start()
+    page.fill("#text", "Hello! Tell me about the stars.")
+    page.press("#text", "Enter")
+    page.wait_for_function("(() => { const t = window.avatarChat.lastTurn; return t && t.ended; })()", timeout=120_000)
+    thread.join(120)
+    turn = page.evaluate("window.avatarChat.lastTurn")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "page-turn-beside-another-session.json").write_text(json.dumps(turn, indent=1))
+    assert turn["reason"] == "complete" and turn["stalls"] == 0, json.dumps(turn)
+    assert abs(turn["playedTo"] * 1000 - turn["mediaMs"]) < 100, turn
+    assert other.get("reason") == "complete" and int(other["media_bytes"]) > 10_000, other  # type: ignore[arg-type]
+    page.close()
+
+
 def test_page_stop_button_cuts_the_answer(live_app: LiveApp, browser) -> None:  # type: ignore[no-untyped-def]
     page = browser.new_page()
     page.goto(live_app.http + "/basic")

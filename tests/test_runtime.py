@@ -73,6 +73,37 @@ def test_the_best_variant_for_this_cpu_is_loaded_and_evaluates_a_prompt() -> Non
     assert "six" in text.lower() or "6" in text
 
 
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@x86
+@pytest.mark.parametrize("variant, needs", [("x64", set()), ("sse42", {"sse4_2"}), ("haswell", {"avx2", "fma", "f16c"}),
+                                            ("skylakex", {"avx512f", "avx512bw"})])
+def test_the_same_wheel_runs_on_lesser_cpus(variant: str, needs: set[str]) -> None:
+    """Each CPU variant evaluates a prompt correctly: what a machine with only those instruction sets loads."""
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU lacks {needs - _cpu_flags()}")
+    code = (
+        "from avatarchat.engines.llm.runtime import ensure_backends\n"
+        "from avatarchat.engines.llm.llama_cpp import default_model_path\n"
+        "info = ensure_backends()\n"
+        "from llama_cpp import Llama\n"
+        "llm = Llama(model_path=str(default_model_path()), n_ctx=256, verbose=False)\n"
+        "out = llm.create_completion('One, two, three, four, five,', max_tokens=6, temperature=0.0)\n"
+        "print(info.loaded, '|', out['choices'][0]['text'])\n"
+    )
+    env = dict(os.environ, AVATARCHAT_LLAMA_CPU_VARIANT=variant)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded, text = (p.strip() for p in proc.stdout.strip().split("|"))
+    assert loaded == variant
+    assert "six" in text.lower() or "6" in text
+
+
 @pytest.mark.models
 def test_doctor_runs_every_engine_for_real(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["doctor", "--engines"]) == 0, capsys.readouterr()

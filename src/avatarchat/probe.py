@@ -148,12 +148,13 @@ def child_main(names: Sequence[str]) -> int:
 
     for name in names:
         say("START", name)
+        started = time.perf_counter()
         try:
             detail = CHILD[name](settings)
         except BaseException as e:  # a broken engine is what we are here to report
-            say("FAIL", name, json.dumps(f"{type(e).__name__}: {e}"))
+            say("FAIL", name, f"{time.perf_counter() - started:.2f}", json.dumps(f"{type(e).__name__}: {e}"))
         else:
-            say("OK", name, json.dumps(detail))
+            say("OK", name, f"{time.perf_counter() - started:.2f}", json.dumps(detail))
     return 0
 
 
@@ -180,9 +181,7 @@ def run_probes(settings: Settings, names: Sequence[str] = PROBES, *, timeout_s: 
     pending = list(names)
     env = dict(os.environ, **{SETTINGS_ENV: settings.model_dump_json()})
     while pending:
-        started: dict[str, float] = {}
         current: str | None = None
-        t0 = time.perf_counter()
         try:
             proc = subprocess.run([python, "-m", "avatarchat.probe", *pending], capture_output=True, text=True,
                                   timeout=timeout_s, env=env)
@@ -195,10 +194,10 @@ def run_probes(settings: Settings, names: Sequence[str] = PROBES, *, timeout_s: 
             kind, _, rest = line.partition(" ")
             name, _, payload = rest.partition(" ")
             if kind == "START" and name in pending:
-                current, started[name] = name, time.perf_counter()
+                current = name
             elif kind in ("OK", "FAIL") and name in pending:
-                results[name] = ProbeResult(name, kind == "OK", json.loads(payload),
-                                            round(time.perf_counter() - started.get(name, t0), 2))
+                seconds, _, detail = payload.partition(" ")
+                results[name] = ProbeResult(name, kind == "OK", json.loads(detail), float(seconds))
                 current = None
         done = [n for n in pending if n in results]
         pending = [n for n in pending if n not in results]

@@ -81,7 +81,7 @@ class Engines:
         self.llm = LLM_ENGINES[settings.llm.engine](settings, self.cpu)
         self.tts = TTS_ENGINES[settings.tts.engine](settings)
         self.vad = VAD_ENGINES[settings.vad.engine](settings)
-        self.asr = ASRQueue(ASR_ENGINES[settings.asr.engine](settings))
+        self.asr = ASRQueue(ASR_ENGINES[settings.asr.engine](settings), self.cpu)
         self.avatars = AvatarLibrary(settings.avatar.dir, settings.avatar.fps)
         self.ready = asyncio.Event()
         self.load_error: str | None = None

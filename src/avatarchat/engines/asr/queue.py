@@ -2,6 +2,8 @@
 
 Final transcripts (someone finished speaking) go before partial ones (someone is still speaking).
 A request whose caller gave up (its future was cancelled) is skipped before it reaches the model.
+With a CPU scheduler, each transcription holds one of its slots, at a deadline that says how soon it
+is needed (a final one soon: the person waits for the reply; a partial one later).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import numpy as np
 
 from avatarchat import metrics
 from avatarchat.engines.asr.base import ASREngine
+from avatarchat.pipeline.scheduler import CpuScheduler
 
 FINAL, PARTIAL = 0, 1
+_DUE_S = {FINAL: 0.3, PARTIAL: 1.5}  # deadlines from the request, per priority
 
 
 class ASRQueue:
-    def __init__(self, engine: ASREngine) -> None:
+    def __init__(self, engine: ASREngine, cpu: CpuScheduler | None = None) -> None:
         self.engine = engine
+        self._cpu = cpu
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="asr")
         self._queue: asyncio.PriorityQueue[tuple[int, int, np.ndarray, asyncio.Future[str]]] | None = None
         self._seq = itertools.count()
@@ -50,7 +55,7 @@ class ASRQueue:
                 continue  # the caller gave up
             start = time.perf_counter()
             try:
-                text = await loop.run_in_executor(self._executor, self.engine.transcribe, audio)
+                text = await loop.run_in_executor(self._executor, self._transcribe, audio, start + _DUE_S[priority])
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 if not future.done():
                     future.set_exception(e)
@@ -60,6 +65,12 @@ class ASRQueue:
             )
             if not future.done():
                 future.set_result(text)
+
+    def _transcribe(self, audio: np.ndarray, deadline: float) -> str:
+        if self._cpu is None:
+            return self.engine.transcribe(audio)
+        with self._cpu.slot(deadline, kind="asr"):
+            return self.engine.transcribe(audio)
 
     async def close(self) -> None:
         if self._worker is not None:

@@ -296,7 +296,7 @@ class LlamaCppEngine:
                 while not self._closed and not (ready := self._ready()):
                     self._cond.wait()
                 if self._closed:
-                    for job in self._jobs:
+                    for job in list(self._jobs):
                         self._finish(job, LLMError("the LLM is shut down"))
                     return
             try:

@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+VARIANT_ENV = "AVATARCHAT_LLAMA_CPU_VARIANT"  # load this CPU variant instead of the best one
 _lock = threading.Lock()
 _info: RuntimeInfo | None = None
 
@@ -74,7 +75,15 @@ def ensure_backends() -> RuntimeInfo:
         libggml = _libggml(directory)
         variants = cpu_variants(directory)
         _quiet(llama_cpp)
-        if variants:
+        forced = os.environ.get(VARIANT_ENV)
+        if forced:  # one named variant, as on a CPU that has only its instruction sets (tests, benches)
+            if forced not in variants:
+                raise RuntimeError(f"{VARIANT_ENV}={forced}: no such CPU variant (have: {', '.join(variants)})")
+            load = libggml.ggml_backend_load
+            load.argtypes, load.restype = [ctypes.c_char_p], ctypes.c_void_p
+            if not load(str(directory / f"libggml-cpu-{forced}.so").encode()):
+                raise RuntimeError(f"the {forced} CPU variant does not load on this CPU")
+        elif variants:
             fn = libggml.ggml_backend_load_all_from_path
             fn.argtypes, fn.restype = [ctypes.c_char_p], None
             fn(str(directory).encode())
