@@ -62,6 +62,11 @@ def test_overload_renders_fewer_faces_and_recovers(cpu: CpuScheduler) -> None:
     assert capacity.check() == 1  # not calm for long enough yet
     now[0] = 7.0
     assert capacity.check() == 0
+    cpu.call(time.sleep, 0.002, deadline=time.perf_counter(), kind="tts")  # one piece's speech came late
+    for _ in range(50):
+        cpu.call(time.sleep, 0.0, deadline=time.perf_counter() + 10)
+    now[0] = 8.0
+    assert capacity.check() == 1  # a sentence boundary was at risk: fewer faces at once
 
 
 def test_a_degraded_batch_renders_every_other_face_at_the_same_frame_rate() -> None:

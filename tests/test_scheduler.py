@@ -145,3 +145,22 @@ def test_deadline_before_and_after_the_first_fragment() -> None:
     d.first_media_at = 100.3
     assert d.at(0) == pytest.approx(99.9)  # the player started: work is due before it runs dry
     assert d.at(3000) == pytest.approx(102.9)
+
+
+def test_a_late_render_unit_does_not_wait_behind_long_units_on_every_slot() -> None:
+    """The player of a session is running dry: its few frames run in the extra lane while both slots are
+    taken by long units (a TTS piece, a prompt); a late unit of another kind still waits its turn."""
+    cpu = CpuScheduler(2)
+    try:
+        gate = _blocker(cpu)
+        late_render = cpu.submit(lambda: "frames", deadline=time.perf_counter() - 0.1, kind="render")
+        late_tts = cpu.submit(lambda: "speech", deadline=time.perf_counter() - 0.2, kind="tts")
+        assert late_render.result(2) == "frames"  # while the slots are still blocked
+        time.sleep(0.1)
+        assert not late_tts.done()
+        soon_render = cpu.submit(lambda: "later frames", deadline=time.perf_counter() + 0.3, kind="render")
+        assert soon_render.result(2) == "later frames"  # once its deadline passes, it is rescued too
+        gate.set()
+        assert late_tts.result(5) == "speech"
+    finally:
+        cpu.close()

@@ -72,3 +72,5 @@ COST_PER_SPEECH_SECOND = Gauge(
 )
 DEGRADE_LEVEL = Gauge("avatarchat_degrade_level", "0: full quality; 1: overloaded, each face rendered for two frames.",
                       registry=REGISTRY)
+CPU_RESCUED = Counter("avatarchat_cpu_rescued_total",
+                      "Late render units run in the extra lane while every core's slot was busy.", registry=REGISTRY)

@@ -11,8 +11,9 @@ process holds ``floor(slots × target_utilization / cost)`` sessions (within ``s
 the next one is refused at once with ``server_busy`` and a retry hint, so live conversations keep
 their quality.
 
-Degradation: when live units miss their deadlines (the scheduler counts them), rendering halves its
-frame work first (each rendered face is shown for two frames; the stream's timing and the speech are
+Degradation: when live units miss their deadlines (the scheduler counts them), or any piece's speech
+is synthesized late (a sentence boundary where a player may run dry), rendering halves its frame
+work first (each rendered face is shown for two frames; the stream's timing and the speech are
 unchanged), which a person notices far less than a stall. It recovers when the misses stop.
 """
 
@@ -45,6 +46,7 @@ class Capacity:
         self._busy_mark = cpu.busy_seconds()
         self._speech = 0.0  # seconds of speech synthesized since the mark
         self._late_mark = cpu.late_units()
+        self._late_tts_mark = cpu.late_units("tts")
         self._units_mark = cpu.units()
         self._checked = clock()
         self.degrade = 0  # 0: full quality; 1: every rendered face shown for two frames
@@ -89,12 +91,13 @@ class Capacity:
     def check(self) -> int:
         """Update the degradation level from the deadline misses since the last check; returns it."""
         now = self._clock()
-        if now - self._checked < 1.0:
+        if now - self._checked < 0.5:
             return self.degrade
-        late, units = self._cpu.late_units(), self._cpu.units()
+        late, units, late_tts = self._cpu.late_units(), self._cpu.units(), self._cpu.late_units("tts")
         missed = (late - self._late_mark) / max(1, units - self._units_mark)
-        self._late_mark, self._units_mark, self._checked = late, units, now
-        if missed > self._config.degrade_late_share:
+        speech_late = late_tts > self._late_tts_mark
+        self._late_mark, self._units_mark, self._late_tts_mark, self._checked = late, units, late_tts, now
+        if missed > self._config.degrade_late_share or speech_late:
             self._calm_since = now
             if self.degrade == 0:
                 log.warning("overloaded: rendering each face for two frames", extra={"late_share": round(missed, 3)})

@@ -30,6 +30,7 @@ from avatarchat import metrics
 
 T = TypeVar("T")
 LATER = math.inf  # no deadline: runs when nothing more urgent waits
+RESCUED = frozenset({"render"})  # kinds of short units the late lane may run
 
 
 class Deadline:
@@ -78,7 +79,11 @@ class CpuScheduler:
         self._busy = 0.0  # core-seconds of live work run so far
         self._done = 0  # units run
         self._late = 0  # units that finished after their deadline
+        self._late_kind: dict[str, int] = {}
         self._threads = [threading.Thread(target=self._work, name=f"cpu-{i}", daemon=True) for i in range(slots)]
+        # One more lane, for short units that are already late (a few frames whose player is running dry):
+        # they need not wait behind a long unit (a TTS piece, a prompt) that holds every slot.
+        self._threads.append(threading.Thread(target=self._rescue, name="cpu-late", daemon=True))
         for t in self._threads:
             t.start()
         self.background = ThreadPoolExecutor(background_slots, thread_name_prefix="background",
@@ -93,7 +98,7 @@ class CpuScheduler:
                 raise RuntimeError("the CPU scheduler is closed")
             heapq.heappush(self._heap, (deadline, next(self._seq), job))
             metrics.CPU_QUEUE.set(len(self._heap))
-            self._cond.notify()
+            self._cond.notify_all()  # a worker, and the late lane if the unit is one for it
         return job.future
 
     async def run(self, fn: Callable[..., T], *args: Any, deadline: float = LATER, kind: str = "other") -> T:
@@ -149,8 +154,8 @@ class CpuScheduler:
     def units(self) -> int:
         return self._done
 
-    def late_units(self) -> int:
-        return self._late
+    def late_units(self, kind: str | None = None) -> int:
+        return self._late if kind is None else self._late_kind.get(kind, 0)
 
     def close(self) -> None:
         with self._cond:
@@ -164,6 +169,39 @@ class CpuScheduler:
 
     # -- the workers -----------------------------------------------------------------------------
 
+    def _rescue(self) -> None:
+        while True:
+            with self._cond:
+                job = None
+                while not self._closed:
+                    job, wait = self._late_short_unit()
+                    if job is not None:
+                        break
+                    self._cond.wait(wait)
+                if self._closed or job is None:
+                    return
+                self._heap.remove(next(e for e in self._heap if e[2] is job))
+                heapq.heapify(self._heap)
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                self._running += 1
+                metrics.CPU_RESCUED.inc()
+            self._execute(job)
+
+    def _late_short_unit(self) -> tuple[_Job | None, float | None]:
+        """Under the lock: the most urgent waiting render unit whose deadline has passed, while every slot is
+        busy; else None and how long until the next render deadline (None: wait for a change)."""
+        if self._running < self.slots:
+            return None, None  # a slot is free: the regular workers take it
+        now = time.perf_counter()
+        renders = [(d, job) for d, _, job in self._heap if job.kind in RESCUED]
+        if not renders:
+            return None, None
+        deadline, job = min(renders, key=lambda r: r[0])
+        if deadline <= now:
+            return job, None
+        return None, deadline - now
+
     def _work(self) -> None:
         while True:
             with self._cond:
@@ -176,25 +214,32 @@ class CpuScheduler:
                 if not job.future.set_running_or_notify_cancel():
                     continue
                 self._running += 1
-            started = time.perf_counter()
-            try:
-                result = job.fn(*job.args)
-            except BaseException as e:  # handed to the caller
-                job.future.set_exception(e)
-            else:
-                job.future.set_result(result)
-            finally:
-                done = time.perf_counter()
-                late = job.deadline != LATER and done > job.deadline
-                with self._cond:
-                    self._running -= 1
-                    self._busy += done - started
-                    self._done += 1
-                    self._late += late
-                metrics.CPU_WAIT_SECONDS.labels(job.kind).observe(started - job.submitted)
-                metrics.CPU_BUSY_SECONDS.labels(job.kind).inc(done - started)
+                if self._running >= self.slots and self._heap:
+                    self._cond.notify_all()  # every slot is busy now: the late lane looks at what waits
+            self._execute(job)
+
+    def _execute(self, job: _Job) -> None:
+        started = time.perf_counter()
+        try:
+            result = job.fn(*job.args)
+        except BaseException as e:  # handed to the caller
+            job.future.set_exception(e)
+        else:
+            job.future.set_result(result)
+        finally:
+            done = time.perf_counter()
+            late = job.deadline != LATER and done > job.deadline
+            with self._cond:
+                self._running -= 1
+                self._busy += done - started
+                self._done += 1
+                self._late += late
                 if late:
-                    metrics.CPU_LATE.labels(job.kind).inc()
+                    self._late_kind[job.kind] = self._late_kind.get(job.kind, 0) + 1
+            metrics.CPU_WAIT_SECONDS.labels(job.kind).observe(started - job.submitted)
+            metrics.CPU_BUSY_SECONDS.labels(job.kind).inc(done - started)
+            if late:
+                metrics.CPU_LATE.labels(job.kind).inc()
 
 
 def _lowest_priority() -> None:
