@@ -167,13 +167,14 @@ async def test_each_unit_of_work_is_due_when_the_player_needs_it(upstream: OpenA
     target = turn.deadline.t0 + settings.pipeline.first_video_target_ms / 1000
     tts = [d for k, d in seen if k == "tts"]
     renders = [d for k, d in seen if k == "render"]
-    assert tts[0] == pytest.approx(target) and renders[0] == pytest.approx(target)  # the stream's opening
+    assert renders[0] == pytest.approx(target)  # the stream's opening
+    # The first piece's speech: due at the target, less the time it takes to synthesize.
+    assert target - 1.0 < tts[0] < target
     first_media = turn.first_media_at
     assert first_media is not None
     margin = settings.pipeline.deadline_margin_ms / 1000
     # Later pieces: due when the speech before them has played (never before the first fragment went out).
-    assert all(d >= first_media - margin for d in tts[2:])
-    assert tts[2:] == sorted(tts[2:])
+    assert all(d >= first_media - margin - 1.0 for d in tts[2:])
     # Render batches after the first are due as the media before them plays out, in order (the last
     # unit is the stream's close, due as it comes).
     later = renders[2:-1]

@@ -202,7 +202,9 @@ class Turn:
         def synth(text: str) -> Piece:
             start = time.perf_counter()
             speech = self._tts.synthesize(text, rate=rate)
-            metrics.STAGE_SECONDS.labels("tts").observe(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            metrics.STAGE_SECONDS.labels("tts").observe(took)
+            _SYNTH_RTF.observe(took / max(speech.duration, 0.05))
             if self._capacity is not None:
                 self._capacity.observe_speech(speech.duration)
             return timeline.prepare(speech)
@@ -211,8 +213,10 @@ class Turn:
             spoken = speakable(text)
             if not spoken:
                 continue
+            # Due when the speech before it has played, less the time it takes to synthesize.
+            due = self._next_speech_due() - _SYNTH_RTF.value * speech_ms_estimate(spoken) / 1000 / rate
             try:
-                piece = await self._cpu.run(synth, spoken, deadline=self._next_speech_due(), kind="tts")
+                piece = await self._cpu.run(synth, spoken, deadline=due, kind="tts")
             except TTSError as e:
                 raise TurnError("tts_failed", str(e)) from e
             self._mark("first_audio")
@@ -320,6 +324,19 @@ class Turn:
             elapsed = time.perf_counter() - self._t0
             self.timings[name] = round(elapsed * 1000)
             metrics.STAGE_SECONDS.labels(name).observe(elapsed)
+
+
+class _Ratio:
+    """A moving average (synthesis time over speech time), shared by all turns."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def observe(self, sample: float) -> None:
+        self.value = 0.9 * self.value + 0.1 * min(sample, 2.0)
+
+
+_SYNTH_RTF = _Ratio(0.1)
 
 
 def speech_ms_estimate(text: str) -> float:
