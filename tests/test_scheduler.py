@@ -10,7 +10,7 @@ import time
 import pytest
 
 from avatarchat import metrics
-from avatarchat.pipeline.scheduler import LATER, CpuScheduler, Deadline
+from avatarchat.pipeline.scheduler import BACKGROUND_NICE, LATER, CpuScheduler, Deadline
 
 
 def _blocker(scheduler: CpuScheduler) -> threading.Event:
@@ -62,8 +62,8 @@ def test_a_failing_unit_reports_its_error_and_the_worker_goes_on() -> None:
     cpu = CpuScheduler(1)
     try:
         with pytest.raises(ZeroDivisionError):
-            cpu.call(lambda: 1 / 0)
-        assert cpu.call(lambda: 42) == 42
+            cpu.submit(lambda: 1 / 0).result()
+        assert cpu.submit(lambda: 42).result() == 42
     finally:
         cpu.close()
 
@@ -88,7 +88,7 @@ async def test_a_unit_whose_caller_gave_up_never_runs() -> None:
 def test_contended_tells_whether_other_work_runs_or_waits() -> None:
     cpu = CpuScheduler(2)
     try:
-        assert cpu.call(cpu.contended) is False  # alone: the LLM may use every core
+        assert cpu.submit(cpu.contended).result() is False  # alone: the LLM may use every core
         gate = threading.Event()
         started = threading.Event()
 
@@ -98,7 +98,7 @@ def test_contended_tells_whether_other_work_runs_or_waits() -> None:
 
         f = cpu.submit(other, deadline=0.0)
         started.wait(5)
-        assert cpu.call(cpu.contended) is True
+        assert cpu.submit(cpu.contended).result() is True
         gate.set()
         f.result(5)
     finally:
@@ -109,20 +109,20 @@ def test_late_units_are_counted() -> None:
     cpu = CpuScheduler(1)
     try:
         before = metrics.CPU_LATE.labels("test")._value.get()
-        cpu.call(time.sleep, 0.02, deadline=time.perf_counter(), kind="test")
-        cpu.call(time.sleep, 0.0, deadline=time.perf_counter() + 10, kind="test")
+        cpu.submit(time.sleep, 0.02, deadline=time.perf_counter(), kind="test").result()
+        cpu.submit(time.sleep, 0.0, deadline=time.perf_counter() + 10, kind="test").result()
         assert metrics.CPU_LATE.labels("test")._value.get() == before + 1
     finally:
         cpu.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX priorities")
-def test_background_work_runs_at_the_lowest_priority() -> None:
+def test_background_work_runs_at_a_lower_priority() -> None:
     cpu = CpuScheduler(1)
     try:
         nice = cpu.background.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result(5)
-        live = cpu.call(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        assert nice == 19 and live == os.getpriority(os.PRIO_PROCESS, 0)
+        live = cpu.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        assert nice == BACKGROUND_NICE > live == os.getpriority(os.PRIO_PROCESS, 0)
     finally:
         cpu.close()
 

@@ -8,7 +8,8 @@ each time one frees, so a reply far ahead of playback yields to a session about 
 turn that has not started. The event loop only submits and awaits.
 
 Background work (idle clips of new avatars, uploads, previews) runs on its own small pool at the
-lowest OS priority (nice 19): it gets the CPU only when live work leaves some.
+a low OS priority (nice 10: about a tenth of a busy core's share), so live work comes first, yet an
+upload still finishes when other processes load the CPU (at nice 19 it starved behind a compiler).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from avatarchat import metrics
 
 T = TypeVar("T")
 LATER = math.inf  # no deadline: runs when nothing more urgent waits
+BACKGROUND_NICE = 10
 RESCUED = frozenset({"render"})  # kinds of short units the late lane may run
 
 
@@ -111,10 +113,6 @@ class CpuScheduler:
             future.cancel()
             raise
 
-    def call(self, fn: Callable[..., T], *args: Any, deadline: float = LATER, kind: str = "other") -> T:
-        """From another thread: block until ``fn`` ran in a CPU slot."""
-        return self.submit(fn, *args, deadline=deadline, kind=kind).result()
-
     @contextmanager
     def slot(self, deadline: float = LATER, kind: str = "other") -> Iterator[None]:
         """From another thread: wait for a CPU slot by ``deadline``'s turn, then run the block in the calling
@@ -143,10 +141,6 @@ class CpuScheduler:
         thread instead of all, leaving a core to the other unit.)"""
         with self._cond:
             return self._running > 1 or bool(self._heap)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._heap)
 
     def busy_seconds(self) -> float:
         return self._busy
@@ -182,6 +176,7 @@ class CpuScheduler:
                     return
                 self._heap.remove(next(e for e in self._heap if e[2] is job))
                 heapq.heapify(self._heap)
+                metrics.CPU_QUEUE.set(len(self._heap))
                 if not job.future.set_running_or_notify_cancel():
                     continue
                 self._running += 1
@@ -243,8 +238,8 @@ class CpuScheduler:
 
 
 def _lowest_priority() -> None:
-    """Background threads: nice 19 for this thread only (Linux sets priorities per thread)."""
+    """Background threads: nice BACKGROUND_NICE for this thread only (Linux sets priorities per thread)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
     except (OSError, AttributeError):  # not Linux, or not allowed: still runs, just not demoted
         pass

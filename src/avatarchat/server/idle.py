@@ -39,7 +39,7 @@ class IdleClips:
         fut = self._clips.get(name)
         if fut is None:
             loop = asyncio.get_running_loop()
-            # Background work: the idle loop of a new avatar never delays a live turn (nice 19, one at a time).
+            # Background work: the idle loop of a new avatar never delays a live turn (low OS priority, one at a time).
             fut = asyncio.ensure_future(loop.run_in_executor(self._engines.cpu.background, render_idle_clip,
                                                              self._engines, name))
             self._clips[name] = fut
