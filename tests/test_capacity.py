@@ -42,7 +42,7 @@ def test_capacity_is_the_cores_over_the_cost_of_a_speaking_session(cpu: CpuSched
 def test_live_cost_follows_the_work_the_scheduler_ran(cpu: CpuScheduler) -> None:
     capacity = Capacity(SessionConfig(max_sessions=16, target_utilization=1.0, capacity_window_s=2.0), cpu)
     capacity.calibrated(0.2, 1.0)
-    cpu.call(time.sleep, 0.3)  # 0.3 slot-seconds of live work...
+    cpu.submit(time.sleep, 0.3).result()  # 0.3 slot-seconds of live work...
     capacity.observe_speech(1.0)
     assert capacity.cost == pytest.approx(0.2)  # (not a full window yet)
     capacity.observe_speech(1.0)  # ...for 2 s of speech: 0.15 per second
@@ -53,18 +53,18 @@ def test_overload_renders_fewer_faces_and_recovers(cpu: CpuScheduler) -> None:
     now = [0.0]
     capacity = Capacity(SessionConfig(degrade_late_share=0.1, recover_after_s=5.0), cpu, clock=lambda: now[0])
     for _ in range(5):
-        cpu.call(time.sleep, 0.002, deadline=time.perf_counter())  # each misses its deadline
+        cpu.submit(time.sleep, 0.002, deadline=time.perf_counter()).result()  # each misses its deadline
     now[0] = 1.5
     assert capacity.check() == 1
     for _ in range(20):
-        cpu.call(time.sleep, 0.0, deadline=time.perf_counter() + 10)  # on time
+        cpu.submit(time.sleep, 0.0, deadline=time.perf_counter() + 10).result()  # on time
     now[0] = 3.0
     assert capacity.check() == 1  # not calm for long enough yet
     now[0] = 7.0
     assert capacity.check() == 0
-    cpu.call(time.sleep, 0.002, deadline=time.perf_counter(), kind="tts")  # one piece's speech came late
+    cpu.submit(time.sleep, 0.002, deadline=time.perf_counter(), kind="tts").result()  # one piece's speech came late
     for _ in range(50):
-        cpu.call(time.sleep, 0.0, deadline=time.perf_counter() + 10)
+        cpu.submit(time.sleep, 0.0, deadline=time.perf_counter() + 10).result()
     now[0] = 8.0
     assert capacity.check() == 1  # a sentence boundary was at risk: fewer faces at once
 

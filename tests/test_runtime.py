@@ -47,30 +47,27 @@ def test_nothing_is_built_for_the_build_machines_cpu() -> None:
     assert "zmm" in _vector_registers(lib / "libggml-cpu-skylakex.so")
 
 
-@x86
-def test_the_best_variant_for_this_cpu_is_loaded_and_evaluates_a_prompt() -> None:
-    """In a child: a crash must not take the test run with it."""
-    code = (
-        "from avatarchat.engines.llm.runtime import ensure_backends\n"
-        "from avatarchat.engines.llm.llama_cpp import default_model_path\n"
-        "info = ensure_backends()\n"
-        "from llama_cpp import Llama\n"
-        "llm = Llama(model_path=str(default_model_path()), n_ctx=256, verbose=False)\n"
-        "out = llm.create_completion('One, two, three, four, five,', max_tokens=6, temperature=0.0)\n"
-        "print(info.loaded, '|', info.features, '|', out['usage']['prompt_tokens'], out['choices'][0]['text'])\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+_COUNT = (
+    "from avatarchat.engines.llm.runtime import ensure_backends\n"
+    "from avatarchat.engines.llm.llama_cpp import default_model_path\n"
+    "info = ensure_backends()\n"
+    "from llama_cpp import Llama\n"
+    "llm = Llama(model_path=str(default_model_path()), n_ctx=256, verbose=False)\n"
+    "out = llm.create_completion('One, two, three, four, five,', max_tokens=6, temperature=0.0)\n"
+    "print(info.loaded, '|', info.features, '|', out['usage']['prompt_tokens'], '|', out['choices'][0]['text'])\n"
+)
+
+
+def _count_in_child(variant: str | None = None) -> tuple[str, str, int, str]:
+    """A multi-token prompt evaluated in a child (a crash must not take the test run with it), on the best
+    CPU variant or the one named: (variant loaded, its instruction sets, prompt tokens, continuation)."""
+    env = dict(os.environ)
+    if variant is not None:
+        env["AVATARCHAT_LLAMA_CPU_VARIANT"] = variant
+    proc = subprocess.run([sys.executable, "-c", _COUNT], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded, features, generated = (part.strip() for part in proc.stdout.strip().split("|"))
-    flags = Path("/proc/cpuinfo").read_text()
-    if " avx512f " in flags:
-        assert loaded not in ("x64", "sse42", "sandybridge", "haswell"), loaded
-        assert "AVX512" in features
-    elif " avx2 " in flags:
-        assert "AVX2" in features
-    prompt_tokens, _, text = generated.partition(" ")
-    assert int(prompt_tokens) > 5
-    assert "six" in text.lower() or "6" in text
+    loaded, features, prompt_tokens, text = (p.strip() for p in proc.stdout.strip().split("|"))
+    return loaded, features, int(prompt_tokens), text
 
 
 def _cpu_flags() -> set[str]:
@@ -81,27 +78,36 @@ def _cpu_flags() -> set[str]:
 
 
 @x86
+def test_the_best_variant_for_this_cpu_is_loaded_and_evaluates_a_prompt() -> None:
+    loaded, features, prompt_tokens, text = _count_in_child()
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        assert loaded not in ("x64", "sse42", "sandybridge", "haswell"), loaded
+        assert "AVX512" in features
+    elif "avx2" in flags:
+        assert "AVX2" in features
+    assert prompt_tokens > 5
+    assert "six" in text.lower() or "6" in text
+
+
+@x86
 @pytest.mark.parametrize("variant, needs", [("x64", set()), ("sse42", {"sse4_2"}), ("haswell", {"avx2", "fma", "f16c"}),
                                             ("skylakex", {"avx512f", "avx512bw"})])
 def test_the_same_wheel_runs_on_lesser_cpus(variant: str, needs: set[str]) -> None:
     """Each CPU variant evaluates a prompt correctly: what a machine with only those instruction sets loads."""
     if not needs <= _cpu_flags():
         pytest.skip(f"this CPU lacks {needs - _cpu_flags()}")
-    code = (
-        "from avatarchat.engines.llm.runtime import ensure_backends\n"
-        "from avatarchat.engines.llm.llama_cpp import default_model_path\n"
-        "info = ensure_backends()\n"
-        "from llama_cpp import Llama\n"
-        "llm = Llama(model_path=str(default_model_path()), n_ctx=256, verbose=False)\n"
-        "out = llm.create_completion('One, two, three, four, five,', max_tokens=6, temperature=0.0)\n"
-        "print(info.loaded, '|', out['choices'][0]['text'])\n"
-    )
-    env = dict(os.environ, AVATARCHAT_LLAMA_CPU_VARIANT=variant)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded, text = (p.strip() for p in proc.stdout.strip().split("|"))
+    loaded, _, _, text = _count_in_child(variant)
     assert loaded == variant
     assert "six" in text.lower() or "6" in text
+
+
+def test_an_unknown_cpu_variant_is_a_clear_error() -> None:
+    code = "from avatarchat.engines.llm.runtime import ensure_backends\nensure_backends()\n"
+    env = dict(os.environ, AVATARCHAT_LLAMA_CPU_VARIANT="pentium4")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1
+    assert "AVATARCHAT_LLAMA_CPU_VARIANT=pentium4: no such CPU variant" in proc.stderr and "haswell" in proc.stderr
 
 
 @pytest.mark.models

@@ -47,23 +47,29 @@ class ProbeResult:
 
 
 def probe_llm(s: Settings) -> str:
+    """The server's own engine: the system prompt and a question, both multi-token prompts (what crashed with
+    a native build on another CPU, issue 12), then a few generated tokens."""
     if s.llm.engine != "llama_cpp":
         return f"skipped: llm.engine is {s.llm.engine} (checked as a server)"
-    from avatarchat.engines.llm.runtime import ensure_backends
-
-    info = ensure_backends()
-    from llama_cpp import Llama
+    import asyncio
 
     from avatarchat.engines.llm.llama_cpp import LlamaCppEngine
+    from avatarchat.engines.llm.runtime import ensure_backends
 
-    path = LlamaCppEngine(s.llm.llama_cpp).model_path
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=s.llm.llama_cpp.n_threads, verbose=False)
-    # A multi-token prompt: the path that crashed with a native build on another CPU (issue 12).
-    out = llm.create_completion("The capital of France is", max_tokens=4, temperature=0.0)
-    n = out["usage"]["completion_tokens"]
+    async def ask() -> tuple[int, int]:
+        llm = LlamaCppEngine(s.llm.llama_cpp.model_copy(update={"parallel": 1}), s.llm.system_prompt)
+        await llm.start()
+        try:
+            question = [{"role": "user", "content": "What is the capital of France?"}]
+            deltas = [d async for d in llm.stream(question, max_tokens=4, temperature=0.0)]
+            return llm.prompt_tokens, len(deltas)
+        finally:
+            await llm.close()
+
+    prompt, n = asyncio.run(ask())
     if n < 1:
         raise RuntimeError("generated no tokens")
-    return f"{info.describe()}; {n} tokens after a {out['usage']['prompt_tokens']}-token prompt"
+    return f"{ensure_backends().describe()}; {n} tokens after a {prompt}-token prompt"
 
 
 def _speech(s: Settings, text: str):  # -> Speech
@@ -82,11 +88,10 @@ def probe_tts(s: Settings) -> str:
 
 
 def _clip16k(s: Settings, text: str) -> np.ndarray:
-    from scipy.signal import resample_poly
+    from avatarchat.pipeline.media import resample
 
     speech = _speech(s, text)
-    g = np.gcd(speech.sample_rate, 16000)
-    return resample_poly(speech.audio, 16000 // g, speech.sample_rate // g).astype(np.float32)
+    return resample(speech.audio, speech.sample_rate, 16000)
 
 
 def probe_asr(s: Settings) -> str:

@@ -27,6 +27,15 @@ def speakable(text: str) -> str:
     return " ".join(_EMOJI.sub("", text).split())
 
 
+def resample(audio: np.ndarray, rate: int, to: int) -> np.ndarray:
+    """Mono float32 audio at ``rate`` Hz, at ``to`` Hz."""
+    audio = audio.astype(np.float32, copy=False)
+    if rate == to:
+        return audio
+    g = math.gcd(rate, to)
+    return resample_poly(audio, to // g, rate // g).astype(np.float32)
+
+
 @dataclass(frozen=True, slots=True)
 class Piece:
     """One spoken piece, ready to render: audio at the stream's rate, and one mouth row per frame."""
@@ -60,10 +69,7 @@ class Timeline:
         return round(self.frames * 1000 / self.fps)
 
     def prepare(self, speech: Speech) -> Piece:
-        audio = speech.audio.astype(np.float32, copy=False)
-        if speech.sample_rate != self.audio_rate:
-            g = math.gcd(speech.sample_rate, self.audio_rate)
-            audio = resample_poly(audio, self.audio_rate // g, speech.sample_rate // g).astype(np.float32)
+        audio = resample(speech.audio, speech.sample_rate, self.audio_rate)
         n_frames = max(1, math.ceil(len(audio) * self.fps / self.audio_rate))
         # Pad the audio so that this piece ends exactly where its last frame ends: no drift over a long turn.
         target = round((self.frames + n_frames) * self.audio_rate / self.fps) - self.samples

@@ -99,9 +99,13 @@ class Turn:
         self._opening: asyncio.Future[MediaStream] | None = None  # the stream, prepared while the LLM and TTS work
         self._timeline: Timeline | None = None
         self.sentences: list[tuple[int, int, str]] = []  # (start ms, duration ms, text) of each spoken piece
-        self.first_media_at: float | None = None  # perf_counter() when the first fragment went out
         self.discarded = False  # a speculative turn that was dropped: it leaves no trace in the history
         self._cut_ms = 0.0  # estimated speech of the pieces the LLM's text has been cut into so far
+
+    @property
+    def first_media_at(self) -> float | None:
+        """perf_counter() when the first fragment went out."""
+        return self.deadline.first_media_at
 
     def _next_text_due(self) -> float:
         """When the LLM's next words are needed: in time to synthesize them before the speech of the pieces
@@ -296,7 +300,7 @@ class Turn:
             assert self._stream is not None
             await self._send.event("media_start", turn_id=self.turn_id, mime=self._stream.mime)
             self._mark("first_video")
-            self.first_media_at = self.deadline.first_media_at = time.perf_counter()
+            self.deadline.first_media_at = time.perf_counter()
         metrics.MEDIA_BYTES.inc(len(data))
         await self._send.media(self.turn_id, data)
 

@@ -82,7 +82,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         app.state.avatar_store = store
         app.state.avatar_service = service
         # Load in the background: /health answers at once, /ready once the models are warm.
-        loader = asyncio.create_task(_load(eng, warm, parts, calibrate=role != "avatar", render=role != "gateway"))
+        loader = asyncio.create_task(_load(eng, warm, parts))
         try:
             yield
         finally:
@@ -220,13 +220,12 @@ def router_channels(llm: object) -> list[dict[str, object]] | None:
     return [{k: c[k] for k in keys} for c in router.channels()]
 
 
-async def _load(engines: Engines, idle: IdleClips | None, parts: tuple[str, ...] = PARTS, *,
-                calibrate: bool = True, render: bool = True) -> None:
+async def _load(engines: Engines, idle: IdleClips | None, parts: tuple[str, ...] = PARTS) -> None:
     async def warm() -> None:
         if idle is not None:
             await idle.get(engines.settings.avatar.default)
-        if calibrate:  # the cost of a speaking session, for admission (pipeline/capacity.py)
-            await calibrate_capacity(engines, render=render)
+        if "tts" in parts:  # a process with sessions: the cost of one speaking, for admission (pipeline/capacity.py)
+            await calibrate_capacity(engines, render=idle is not None)
 
     try:
         await engines.start(then=warm, parts=parts)

@@ -149,10 +149,6 @@ class LlamaCppEngine:
     def model_path(self) -> Path:
         return Path(self._config.model_path) if self._config.model_path else default_model_path()
 
-    @property
-    def parallel(self) -> int:
-        return self._config.parallel
-
     # -- life cycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -436,24 +432,16 @@ class LlamaCppEngine:
         """Fill the batch from ``plan`` and decode it in a CPU slot; llama_decode's return code."""
         from llama_cpp import llama_cpp as C
 
-        b = self._batch.batch
-        n = 0
-        for job, tokens, logits in plan:
-            assert job.slot is not None
-            pos = len(job.slot.tokens)
-            for k, tok in enumerate(tokens):
-                b.token[n], b.pos[n], b.n_seq_id[n] = tok, pos + k, 1
-                b.seq_id[n][0] = job.slot.seq_id
-                b.logits[n] = logits and k == len(tokens) - 1
-                n += 1
-        b.n_tokens = n
-        metrics.LLM_BATCH_TOKENS.observe(n)
+        b = self._fill([(job.slot.seq_id, len(job.slot.tokens), tokens, logits)  # type: ignore[union-attr]
+                        for job, tokens, logits in plan])
+        metrics.LLM_BATCH_TOKENS.observe(b.n_tokens)
 
         def run() -> int:
-            c = self._config
             # Alone on the CPU, use every core; beside other live work, one, leaving a core to it.
-            threads = 1 if self.scheduler is not None and self.scheduler.contended() else c.n_threads
-            C.llama_set_n_threads(self._ctx.ctx, threads, threads if threads == 1 else c.n_threads_batch)
+            if self.scheduler is not None and self.scheduler.contended():
+                C.llama_set_n_threads(self._ctx.ctx, 1, 1)
+            else:
+                C.llama_set_n_threads(self._ctx.ctx, self._config.n_threads, self._config.n_threads_batch)
             return int(C.llama_decode(self._ctx.ctx, b))
 
         if self.scheduler is None:
@@ -531,18 +519,26 @@ class LlamaCppEngine:
         job.put(error if error is not None else _DONE)
         job.sampler = None
 
+    def _fill(self, rows: list[tuple[int, int, list[int], bool]]) -> Any:
+        """The batch holding ``rows`` of (sequence, first position, tokens, logits for the last token)."""
+        b = self._batch.batch
+        n = 0
+        for seq, pos, tokens, logits in rows:
+            for k, tok in enumerate(tokens):
+                b.token[n], b.pos[n], b.n_seq_id[n] = tok, pos + k, 1
+                b.seq_id[n][0] = seq
+                b.logits[n] = logits and k == len(tokens) - 1
+                n += 1
+        b.n_tokens = n
+        return b
+
     def _eval_direct(self, seq: int, pos: int, tokens: list[int]) -> None:
         """At load time only: evaluate ``tokens`` into sequence ``seq`` without the scheduler."""
         from llama_cpp import llama_cpp as C
 
-        b = self._batch.batch
-        for start in range(0, len(tokens), self._config.n_batch):
-            chunk = tokens[start : start + self._config.n_batch]
-            b.n_tokens = 0
-            for i, tok in enumerate(chunk):
-                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos + start + i, 1, False
-                b.seq_id[i][0] = seq
-            b.n_tokens = len(chunk)
+        step = self._config.n_batch
+        for start in range(0, len(tokens), step):
+            b = self._fill([(seq, pos + start, tokens[start : start + step], False)])
             if C.llama_decode(self._ctx.ctx, b) != 0:
                 raise LLMError("could not evaluate the system prompt")
 

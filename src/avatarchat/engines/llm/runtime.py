@@ -25,14 +25,12 @@ _info: RuntimeInfo | None = None
 
 @dataclass(frozen=True)
 class RuntimeInfo:
-    lib_dir: Path
-    loadable: bool  # built with GGML_BACKEND_DL: CPU variants are separate files
-    variants: tuple[str, ...]  # the CPU variants shipped, e.g. ("haswell", "icelake", "x64")
+    variants: tuple[str, ...]  # the CPU variants shipped, e.g. ("haswell", "icelake", "x64"); none: built in
     loaded: str | None  # the variant loaded for this CPU ("icelake"), or None when built in
     features: str  # llama.cpp's system info: the instruction sets its CPU code uses
 
     def describe(self) -> str:
-        if not self.loadable:
+        if not self.variants:
             return f"built-in CPU backend ({self.features})"
         return f"CPU variant {self.loaded} of {len(self.variants)} ({self.features})"
 
@@ -94,7 +92,7 @@ def ensure_backends() -> RuntimeInfo:
                     f"no llama.cpp CPU backend in {directory} suits this CPU (variants: {', '.join(variants)})"
                 )
         llama_cpp.llama_backend_init()
-        _info = RuntimeInfo(directory, bool(variants), variants, _loaded_variant() if variants else None,
+        _info = RuntimeInfo(variants, _loaded_variant() if variants else None,
                             " ".join(cpu_features(libggml)))
         return _info
 
