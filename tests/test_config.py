@@ -27,6 +27,12 @@ def test_yaml_then_environment_override(tmp_path: Path, monkeypatch: pytest.Monk
         ("server:\n  port: -5\n", "port"),
         ("bogus_section: 1\n", "bogus_section"),
         ("video:\n  audio_sample_rate: 12345\n", "AAC"),
+        ("session:\n  target_utilization: 0\n", "target_utilization"),
+        ("session:\n  target_utilization: 1.5\n", "target_utilization"),
+        ("llm:\n  llama_cpp:\n    parallel: 0\n", "parallel"),
+        ("llm:\n  llama_cpp:\n    n_batch: 4\n", "n_batch"),
+        ("llm:\n  openai:\n    max_concurrent: 0\n", "max_concurrent"),
+        ("pipeline:\n  first_video_target_ms: -1\n", "first_video_target_ms"),
     ],
 )
 def test_bad_config_is_rejected_with_a_precise_message(tmp_path: Path, text: str, needle: str) -> None:

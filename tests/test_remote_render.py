@@ -24,7 +24,7 @@ from avatarchat import metrics
 from avatarchat.config import AvatarClientConfig, load_settings
 from avatarchat.services.avatar_client import AvatarServiceError, HttpAvatarService
 from avatarchat.services.render_client import RemoteAvatarMedia
-from avatarchat.services.render_wire import FIRST_FRAME, FRAMES, SAMPLES, pack_batch
+from avatarchat.services.render_wire import DUE_MS, FIRST_FRAME, FRAMES, SAMPLES, pack_batch
 from tests.support.live_app import LiveApp
 from tests.support.openai_server import OpenAITestServer
 from tests.support.redis_celery import ROOT, free_port, stop_process
@@ -325,7 +325,8 @@ def test_render_api_refuses_bad_requests(render_app: LiveApp) -> None:
     assert post("/api/render/bad%20id/batch", body, headers).status_code == 404
     assert post(f"/api/render/{sid}/batch", body[:-4], headers).status_code == 400  # length does not match shapes
     for name, value, status in [(FRAMES, "x", 400), (FRAMES, "0", 400), (FRAMES, "-1", 400), (SAMPLES, "1e9", 400),
-                                (FRAMES, "51", 413), (SAMPLES, "100001", 413), (FIRST_FRAME, "99999999999999", 400)]:
+                                (FRAMES, "51", 413), (SAMPLES, "100001", 413), (FIRST_FRAME, "99999999999999", 400),
+                                (DUE_MS, "soon", 400), (DUE_MS, "-5", 400), (DUE_MS, "3600001", 413)]:
         r = post(f"/api/render/{sid}/batch", body, {**headers, name: value})
         assert r.status_code == status, (name, value, r.text)
         assert r.json()["detail"]
@@ -335,9 +336,12 @@ def test_render_api_refuses_bad_requests(render_app: LiveApp) -> None:
     bad[1, 1] = np.nan
     nan_headers, nan_body = pack_batch(bad, 0, None)
     assert post(f"/api/render/{sid}/batch", nan_body, nan_headers).status_code == 400
-    # The stream is unharmed by all that: a good batch renders, close returns the tail and frees it.
+    # The stream is unharmed by all that: a good batch renders (with or without a deadline), close returns
+    # the tail and frees it.
     ok = post(f"/api/render/{sid}/batch", body, headers)
     assert ok.status_code == 200 and ok.headers[FRAMES] == "4" and ok.content
+    due = post(f"/api/render/{sid}/batch", body, {**headers, DUE_MS: "250"})
+    assert due.status_code == 200 and due.headers[FRAMES] == "8"
     tail = httpx.post(a + f"/api/render/{sid}/close", timeout=30)
     assert tail.status_code == 200 and int(tail.headers[FRAMES]) >= 4
     assert httpx.post(a + f"/api/render/{sid}/close").status_code == 404

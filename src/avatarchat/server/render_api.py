@@ -78,8 +78,8 @@ async def batch(request: Request, stream_id: str) -> Response:
     c = streams.config
     try:
         frames, first, samples = batch_shape(request.headers, c.max_batch_frames, c.max_batch_samples)
-        body = await _read_body(request, max_body(c.max_batch_frames, c.max_batch_samples))
         due = due_ms(request.headers)
+        body = await _read_body(request, max_body(c.max_batch_frames, c.max_batch_samples))
         mouth, audio = unpack_batch(body, frames, samples)
         deadline = None if due is None else time.perf_counter() + due / 1000
         data, total = await streams.batch(_checked_id(stream_id), mouth, first, audio, deadline)
