@@ -36,7 +36,18 @@ def built() -> None:
 
 
 def _node(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=WEB, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    """Runs node; its output goes to a log file as it comes, so a run cut short still shows where it was."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / f"node-{Path(args[-1]).stem}.log"
+    with log.open("w+") as out:
+        try:
+            rc = subprocess.run(args, cwd=WEB, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                                env={**os.environ, **(env or {})}).returncode
+        except subprocess.TimeoutExpired:
+            out.seek(0)
+            pytest.fail(f"{' '.join(args)} ran past {timeout} s; its output so far:\n{out.read()[-8000:]}")
+        out.seek(0)
+        return subprocess.CompletedProcess(args, rc, out.read(), "")
 
 
 def test_vitest_component_tests(built: None) -> None:
@@ -54,6 +65,7 @@ def _write_wav(path: Path, audio: np.ndarray) -> None:
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is installed by make setup")
+@pytest.mark.timeout(720)
 def test_web_app_end_to_end_in_chromium(built: None, live_app: LiveApp, tmp_path: Path) -> None:
     from tests.support.speech import piper_16k, silence
 
@@ -76,6 +88,7 @@ def test_web_app_end_to_end_in_chromium(built: None, live_app: LiveApp, tmp_path
             "E2E_NOFACE": str(noface),
             "E2E_ARTIFACTS": str(ARTIFACTS),
         },
+        timeout=660,
     )
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
