@@ -255,7 +255,8 @@ async def main() -> None:
                           f"stalls {stalls} in {stalled_sessions}/{len(rows)} sessions  errors {len(errors)}  "
                           + (f"server_busy {len(refused)} (≤ {max(refused):.0f} ms)  " if refused else "") +
                           f"server CPU {sum(cpu) / len(cpu):.2f} cores  RSS {max(rss):.0f} MB  "
-                          f"capacity {mon.get('capacity_sessions')} (cost {mon.get('cost_per_speech_s')})"
+                          f"capacity {mon.get('capacity_sessions')} (cost {mon.get('cost_per_speech_s')})  "
+                          f"degraded {mon.get('degrade_level')}"
                           + (f"  uploads {len(uploaded)} took up to {max(uploaded):.1f} s" if uploaded else ""), flush=True)
         finally:
             stop.set()

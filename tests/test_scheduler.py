@@ -116,6 +116,18 @@ def test_late_units_are_counted() -> None:
         cpu.close()
 
 
+def test_a_unit_within_the_margin_is_not_late() -> None:
+    """Deadlines come early by the turns' margin: a unit that ends inside it did not make a player wait."""
+    cpu = CpuScheduler(1, late_grace_s=0.2)
+    try:
+        cpu.submit(time.sleep, 0.05, deadline=time.perf_counter(), kind="test").result()  # in the margin
+        assert cpu.late_units() == 0
+        cpu.submit(time.sleep, 0.25, deadline=time.perf_counter(), kind="test").result()  # past it
+        assert cpu.late_units() == cpu.late_units("test") == 1
+    finally:
+        cpu.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX priorities")
 def test_background_work_runs_at_a_lower_priority() -> None:
     cpu = CpuScheduler(1)

@@ -198,7 +198,8 @@ class PipelineConfig(BaseModel):
         "from the user's message: the CPU scheduler runs the most urgent work first across sessions.",
     )
     deadline_margin_ms: int = Field(
-        400, ge=0, description="Once playing, work is due this long before the player would run out of media.",
+        400, ge=0, description="Once playing, work is due this long before the player would run out of media. "
+        "A unit counts as late (for degradation) only when it ends after the margin too.",
     )
 
 

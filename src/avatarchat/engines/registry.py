@@ -76,7 +76,7 @@ class Engines:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.cpu = CpuScheduler(settings.pipeline.workers)
+        self.cpu = CpuScheduler(settings.pipeline.workers, late_grace_s=settings.pipeline.deadline_margin_ms / 1000)
         self.capacity = Capacity(settings.session, self.cpu)
         self.llm = LLM_ENGINES[settings.llm.engine](settings, self.cpu)
         self.tts = TTS_ENGINES[settings.tts.engine](settings)

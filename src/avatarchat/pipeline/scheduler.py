@@ -71,8 +71,11 @@ class _Job:
 
 
 class CpuScheduler:
-    def __init__(self, slots: int, background_slots: int = 1) -> None:
+    def __init__(self, slots: int, background_slots: int = 1, late_grace_s: float = 0.0) -> None:
         self.slots = slots
+        # Deadlines come early by the turns' safety margin (they order the work); a unit counts as late
+        # only when it ends after the margin too, i.e. after its media was due to play.
+        self.late_grace_s = late_grace_s
         self._heap: list[tuple[float, int, _Job]] = []
         self._seq = itertools.count()
         self._cond = threading.Condition()
@@ -80,7 +83,7 @@ class CpuScheduler:
         self._closed = False
         self._busy = 0.0  # core-seconds of live work run so far
         self._done = 0  # units run
-        self._late = 0  # units that finished after their deadline
+        self._late = 0  # units that finished after their deadline (and the grace)
         self._late_kind: dict[str, int] = {}
         self._threads = [threading.Thread(target=self._work, name=f"cpu-{i}", daemon=True) for i in range(slots)]
         # One more lane, for short units that are already late (a few frames whose player is running dry):
@@ -223,7 +226,7 @@ class CpuScheduler:
             job.future.set_result(result)
         finally:
             done = time.perf_counter()
-            late = job.deadline != LATER and done > job.deadline
+            late = job.deadline != LATER and done > job.deadline + self.late_grace_s
             with self._cond:
                 self._running -= 1
                 self._busy += done - started
