@@ -49,8 +49,59 @@ async def test_error_frame_in_stream(upstream: OpenAITestServer) -> None:
 async def test_first_token_timeout(upstream: OpenAITestServer) -> None:
     upstream.behaviour.first_token_delay_s = 2.0
     e = engine(upstream, first_token_timeout_s=0.3)
-    with pytest.raises(LLMError, match="within 0.3 s"):
+    with pytest.raises(LLMError, match="no content within 0.3 s"):
         await collect(e)
+    await e.close()
+
+
+@pytest.mark.parametrize("data", ["5", "[1, 2]", '{"choices": [5]}', '{"choices": [{"delta": "x"}]}',
+                                  '{"choices": {"a": 1}}', '{"choices": [{"delta": {"content": 7}}]}', "1" * 5000])
+async def test_a_chunk_of_another_shape_is_a_clear_error(upstream: OpenAITestServer, data: str) -> None:
+    """Well-formed JSON that is not a chat-completion delta (or an integer too long to parse): LLMError, not TypeError."""
+    upstream.behaviour.raw_data = ['{"choices": [{"delta": {"content": "Hi "}}]}', data]
+    e = engine(upstream)
+    with pytest.raises(LLMError, match="not a chat-completion delta|invalid JSON"):
+        await collect(e)
+    await e.close()
+
+
+async def test_chunks_without_content_are_skipped(upstream: OpenAITestServer) -> None:
+    upstream.behaviour.raw_data = ['{"choices": []}', '{"usage": {"total_tokens": 3}}', '{"choices": [{"delta": {}}]}',
+                                   '{"choices": [{"delta": {"content": null}}]}', '{"choices": [{"delta": {"content": "ok"}}]}']
+    e = engine(upstream)
+    assert await collect(e) == "ok"
+    await e.close()
+
+
+async def test_keep_alive_comments_do_not_count_as_the_first_token(upstream: OpenAITestServer) -> None:
+    upstream.behaviour.keepalive_forever = True
+    e = engine(upstream, first_token_timeout_s=0.5)
+    t = asyncio.get_running_loop().time()
+    with pytest.raises(LLMError, match="no content within 0.5 s"):
+        await asyncio.wait_for(collect(e), 10)
+    assert asyncio.get_running_loop().time() - t < 5
+    await e.close()
+
+
+async def test_the_first_token_deadline_counts_from_the_request(upstream: OpenAITestServer) -> None:
+    """Slow response headers and then a slow first token: together past the deadline, each alone within it."""
+    upstream.behaviour.headers_delay_s = 0.4
+    upstream.behaviour.first_token_delay_s = 0.4
+    e = engine(upstream, first_token_timeout_s=0.6, read_timeout_s=5)
+    with pytest.raises(LLMError, match="no content within 0.6 s"):
+        await collect(e)
+    await e.close()
+
+
+async def test_a_reply_that_never_ends_is_cut_at_the_reply_timeout(upstream: OpenAITestServer) -> None:
+    upstream.behaviour.reply = " ".join(["word"] * 10_000)
+    upstream.behaviour.token_delay_s = 0.01
+    e = engine(upstream, reply_timeout_s=0.8)
+    got: list[str] = []
+    with pytest.raises(LLMError, match="did not end within 0.8 s"):
+        async for d in e.stream(MSGS, max_tokens=20, temperature=0.1):
+            got.append(d)
+    assert got  # content came, then the overall deadline ended it
     await e.close()
 
 

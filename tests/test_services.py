@@ -243,3 +243,27 @@ def test_cli_serve_role_avatar(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "avatarchat", "serve", "--role", "bogus"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+@pytest.mark.parametrize("chunk", ["5", "[1, 2]", '{"choices": [5]}', '{"choices": [{"delta": "x"}]}'])
+async def test_an_llm_chunk_of_another_shape_ends_the_turn_with_an_error(gateway: LiveApp, upstream: OpenAITestServer,
+                                                                         chunk: str) -> None:
+    """Well-formed JSON of the wrong shape from the LLM: the turn ends with `error` and `turn_done`, and the
+    session takes the next message as usual."""
+    from tests.support.openai_server import Behaviour
+    from tests.test_server import open_client
+
+    upstream.behaviour = Behaviour(raw_data=['{"choices": [{"delta": {"content": "Hello "}}]}', chunk])
+    c = await open_client(gateway)
+    try:
+        await c.send(type="user_text", text="Hi?")
+        done, events = await c.until("turn_done", timeout=60)
+        errors = [e for e in events if e["type"] == "error"]
+        assert done["reason"] == "error" and [e["code"] for e in errors] == ["llm_failed"], events
+        assert "chat-completion delta" in errors[0]["message"] and errors[0]["turn_id"] == done["turn_id"]
+        upstream.behaviour = Behaviour()
+        await c.send(type="user_text", text="Hi again?")
+        done, _ = await c.until("turn_done", timeout=60)
+        assert done["reason"] == "complete" and done["text"] == Behaviour().reply
+    finally:
+        await c.ws.close()

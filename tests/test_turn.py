@@ -122,6 +122,20 @@ async def test_tts_failure_is_a_turn_error(upstream: OpenAITestServer, parts: An
     assert err.value.code == "tts_failed"
 
 
+class BuggyTTS(BrokenTTS):
+    def synthesize(self, text: str, *, rate: float = 1.0) -> Any:
+        raise TypeError("a bug, not an engine failure")
+
+
+async def test_a_bug_in_a_stage_still_ends_the_turn_with_an_error(upstream: OpenAITestServer, parts: Any) -> None:
+    """Not an engine's own error: the turn still ends with a TurnError (the session sends error + turn_done)."""
+    turn, llm = make_turn(load_settings(), upstream, parts, Recorder(), History("sys", 500), tts=BuggyTTS())
+    with pytest.raises(TurnError, match="TypeError") as err:
+        await turn.run()
+    await llm.close()
+    assert err.value.code == "internal_error"
+
+
 async def test_cancel_keeps_only_spoken_pieces_in_history(upstream: OpenAITestServer, parts: Any) -> None:
     upstream.behaviour.reply = "First piece here, then more. " + "Slow words keep coming here. " * 10
     upstream.behaviour.token_delay_s = 0.03

@@ -53,7 +53,13 @@ class OpenAIConfig(BaseModel):
     model: str = Field("gpt-4o-mini", description="Model name sent to the server.")
     connect_timeout_s: float = Field(5.0, gt=0, description="TCP/TLS connect timeout.")
     read_timeout_s: float = Field(60.0, gt=0, description="Longest wait between two streamed chunks.")
-    first_token_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the first token.")
+    first_token_timeout_s: float = Field(
+        20.0, gt=0, description="Longest wait from the request to the first token of content (keep-alive comments "
+        "and empty chunks do not count).",
+    )
+    reply_timeout_s: float = Field(
+        120.0, gt=0, description="Longest a whole reply may stream, from the request to its end.",
+    )
     max_concurrent: int = Field(
         50, ge=1, description="Replies streamed at once from this server, across sessions; more wait for a connection.",
     )

@@ -35,6 +35,9 @@ class Behaviour:
     stall_after_tokens: int | None = None  # stop sending (without closing) after this many tokens
     api_key: str | None = None  # if set, other keys get 401
     models: list[str] | None = None  # ids GET /v1/models lists
+    raw_data: list[str] | None = None  # SSE data payloads sent as they are, instead of the reply
+    keepalive_forever: bool = False  # only keep-alive comments, never content
+    headers_delay_s: float = 0.0  # before the response headers
 
 
 @dataclass
@@ -88,6 +91,8 @@ class OpenAITestServer:
                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": b.reply},
                                                   "finish_reason": "stop"}]})
 
+            await asyncio.sleep(b.headers_delay_s)
+
             async def gen() -> Any:
                 self.in_flight += 1
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -101,6 +106,14 @@ class OpenAITestServer:
                 await asyncio.sleep(b.first_token_delay_s)
                 yield b": keep-alive\n\n"
                 yield frame({"role": "assistant"})
+                while b.keepalive_forever:
+                    await asyncio.sleep(0.05)
+                    yield b": keep-alive\n\n"
+                if b.raw_data is not None:
+                    for data in b.raw_data:
+                        yield f"data: {data}\n\n".encode()
+                    yield b"data: [DONE]\n\n"
+                    return
                 if b.error_frame:
                     yield f"data: {json.dumps({'error': {'message': b.error_frame}})}\n\n".encode()
                     return

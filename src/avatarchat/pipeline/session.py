@@ -211,7 +211,13 @@ class Session:
     async def _run(self, turn: Turn) -> None:
         conversation.set(self.id)  # this task's context: the local LLM keeps this session's KV state apart
         try:
-            result = await turn.run()
+            try:
+                result = await turn.run()
+            except TurnError:
+                raise
+            except Exception as e:  # outside the stages (the history, the first event): still end the turn
+                log.exception("turn failed", extra={"session": self.id, "turn": turn.turn_id})
+                raise TurnError("internal_error", f"the reply failed ({type(e).__name__})") from e
         except TurnError as e:
             metrics.ERRORS.labels(e.code).inc()
             log.warning("turn failed", extra={"session": self.id, "turn": turn.turn_id, "code": e.code, "error": str(e)})

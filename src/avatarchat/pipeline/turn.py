@@ -165,8 +165,8 @@ class Turn:
                 tg.create_task(self._tts_stage(texts, pieces))
                 tg.create_task(self._media_stage(pieces))
             completed = True
-        except* TurnError as group:
-            raise group.exceptions[0] from None
+        except* Exception as group:
+            raise _turn_error(group) from None
         finally:
             self._release_stream()
             if not self.discarded:
@@ -352,3 +352,20 @@ def speech_ms_estimate(text: str) -> float:
 def _abort_opened(future: asyncio.Future[MediaStream]) -> None:
     if not future.cancelled() and future.exception() is None:  # exception() also marks a failure as seen
         future.result().abort()
+
+
+def _turn_error(group: BaseExceptionGroup[Exception]) -> TurnError:
+    """The error a failed turn reports: an engine's own, or, for a bug, a generic one (logged in full)."""
+    errors: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        e = stack.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            stack = list(e.exceptions) + stack
+        else:
+            errors.append(e)
+    for e in errors:
+        if isinstance(e, TurnError):
+            return e
+    log.error("turn failed", exc_info=errors[0])
+    return TurnError("internal_error", f"the reply failed ({type(errors[0]).__name__})")

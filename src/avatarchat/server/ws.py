@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from avatarchat import metrics
@@ -55,6 +56,10 @@ class WebSocketSender:
 
     async def _send(self, event: dict[str, Any]) -> None:
         text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (from an LLM, say): as an escape it is still valid JSON
+            text = json.dumps(event, separators=(",", ":"))
         async with self._lock:
             if self._ws.application_state == WebSocketState.CONNECTED:
                 await self._ws.send_text(text)
@@ -65,8 +70,14 @@ def parse_event(text: str, max_chars: int) -> dict[str, Any]:
         event = json.loads(text)
     except json.JSONDecodeError as e:
         raise ProtocolError("bad_json", f"not valid JSON: {e.msg} at position {e.pos}") from e
+    except ValueError as e:  # e.g. an integer literal past Python's 4,300-digit conversion limit
+        raise ProtocolError("bad_json", f"not valid JSON: {str(e)[:120]}") from e
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
         raise ProtocolError("bad_event", 'an event must be a JSON object with a string "type"')
+    try:  # "\ud800" is valid JSON but not text: it could be neither spoken nor sent back
+        json.dumps(event, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ProtocolError("bad_unicode", "strings must be valid Unicode (found a lone surrogate)") from e
     kind = event["type"]
     if kind == "user_text":
         value = event.get("text")
@@ -284,58 +295,69 @@ async def session_socket(ws: WebSocket) -> None:
 
 
 async def _receive_loop(ws: WebSocket, session: Session, sender: WebSocketSender) -> None:
-    settings = session.engines.settings
-    limit = settings.server.max_message_bytes
     while True:
         message = await ws.receive()
         t0 = time.perf_counter()
         if message["type"] == "websocket.disconnect":
             return
         session.touch()
-        data = message.get("bytes")
-        if data is not None:
-            try:
-                pcm = parse_audio(data, session, settings.voice.max_audio_frame_bytes)
-            except ProtocolError as e:
-                await sender.event("error", code=e.code, message=str(e), fatal=False)
-                continue
-            assert session.voice is not None
-            await session.voice.feed(pcm)
-            continue
-        text = message.get("text") or ""
-        if len(text) > limit and len(text.encode("utf-8")) > limit:
-            await sender.event(
-                "error", code="message_too_large", message=f"message is over the {limit}-byte limit", fatal=False
-            )
-            continue
         try:
-            event = parse_event(text, settings.pipeline.max_text_chars)
+            await _handle(message, session, sender, t0)
+        except (WebSocketDisconnect, UnknownAvatarError):
+            raise
+        except Exception:  # a bug must cost one message, not the person's session
+            log.exception("message failed", extra={"session": session.id})
+            metrics.ERRORS.labels("internal_error").inc()
+            await sender.event("error", code="internal_error", message="the server failed on this message", fatal=False)
+
+
+async def _handle(message: Message, session: Session, sender: WebSocketSender, t0: float) -> None:
+    settings = session.engines.settings
+    limit = settings.server.max_message_bytes
+    data = message.get("bytes")
+    if data is not None:
+        try:
+            pcm = parse_audio(data, session, settings.voice.max_audio_frame_bytes)
         except ProtocolError as e:
             await sender.event("error", code=e.code, message=str(e), fatal=False)
-            continue
-        kind = event["type"]
-        if kind == "user_text":
-            await session.user_text(event["text"].strip(), t0=t0)
-        elif kind == "stop":
-            await session.cancel_turn("stopped")
-        elif kind == "ping":
-            await sender.event("pong", id=event.get("id"))
-        elif kind == "mic_start":
-            session.start_voice()
-            await sender.event("mic_ready", sample_rate=16000, format="pcm_s16le")
-        elif kind == "mic_stop":
-            if session.voice is not None:
-                await session.voice.close()
-                session.voice = None
-        elif kind == "session.update":
-            try:
-                await configure(session, event)
-            except ProtocolError as e:
-                await sender.event("error", code=e.code, message=str(e), fatal=False)
-                continue
-            await sender.event("session.updated", settings=session_settings(session))
-        elif kind == "playback":
-            session.playback(event["turn_id"], float(event["position_ms"]), bool(event.get("playing", True)))
+            return
+        assert session.voice is not None
+        await session.voice.feed(pcm)
+        return
+    text = message.get("text") or ""
+    if len(text) > limit and len(text.encode("utf-8")) > limit:
+        await sender.event(
+            "error", code="message_too_large", message=f"message is over the {limit}-byte limit", fatal=False
+        )
+        return
+    try:
+        event = parse_event(text, settings.pipeline.max_text_chars)
+    except ProtocolError as e:
+        await sender.event("error", code=e.code, message=str(e), fatal=False)
+        return
+    kind = event["type"]
+    if kind == "user_text":
+        await session.user_text(event["text"].strip(), t0=t0)
+    elif kind == "stop":
+        await session.cancel_turn("stopped")
+    elif kind == "ping":
+        await sender.event("pong", id=event.get("id"))
+    elif kind == "mic_start":
+        session.start_voice()
+        await sender.event("mic_ready", sample_rate=16000, format="pcm_s16le")
+    elif kind == "mic_stop":
+        if session.voice is not None:
+            await session.voice.close()
+            session.voice = None
+    elif kind == "session.update":
+        try:
+            await configure(session, event)
+        except ProtocolError as e:
+            await sender.event("error", code=e.code, message=str(e), fatal=False)
+            return
+        await sender.event("session.updated", settings=session_settings(session))
+    elif kind == "playback":
+        session.playback(event["turn_id"], float(event["position_ms"]), bool(event.get("playing", True)))
 
 
 async def _expire(ws: WebSocket, sender: WebSocketSender) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -54,31 +55,44 @@ class OpenAIEngine:
             "temperature": temperature,
             "stream": True,
         }
+        c = self._config
+        loop = asyncio.get_running_loop()
+        # Both deadlines count from the request: a server that accepts and then sends only keep-alive
+        # comments (or trickles forever) cannot hold the turn.
+        first_due = loop.time() + c.first_token_timeout_s
+        end_due = loop.time() + c.reply_timeout_s
+        got_content = False
+
+        def expired() -> LLMError:
+            if got_content:
+                return LLMError(f"LLM reply did not end within {c.reply_timeout_s:g} s")
+            return LLMError(f"LLM server sent no content within {c.first_token_timeout_s:g} s")
+
         try:
-            async with self._client.stream("POST", "chat/completions", json=body) as response:
-                if response.status_code != 200:
-                    detail = (await response.aread())[:500].decode("utf-8", "replace")
-                    raise LLMError(f"LLM server answered {response.status_code}: {detail}")
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    async with asyncio.timeout_at(min(first_due, end_due)):
+                        response = await stack.enter_async_context(self._client.stream("POST", "chat/completions", json=body))
+                        if response.status_code != 200:
+                            detail = (await response.aread())[:500].decode("utf-8", "replace")
+                            raise LLMError(f"LLM server answered {response.status_code}: {detail}")
+                except TimeoutError as e:
+                    raise expired() from e
                 lines = response.aiter_lines()
-                first = True
                 while True:
+                    # Only the wait for the server is timed, never the consumer's time between tokens.
                     try:
-                        if first:
-                            async with asyncio.timeout(self._config.first_token_timeout_s):
-                                line = await anext(lines)
-                        else:
+                        async with asyncio.timeout_at(end_due if got_content else min(first_due, end_due)):
                             line = await anext(lines)
                     except StopAsyncIteration:
                         return
                     except TimeoutError as e:
-                        raise LLMError(
-                            f"LLM server sent nothing within {self._config.first_token_timeout_s:g} s"
-                        ) from e
-                    first = False
+                        raise expired() from e
                     delta = _parse_sse_line(line)
                     if delta is _END:
                         return
                     if delta:
+                        got_content = True
                         yield delta
         except httpx.HTTPError as e:
             raise LLMError(f"LLM server unreachable or failed: {type(e).__name__}: {e}") from e
@@ -95,12 +109,30 @@ def _parse_sse_line(line: str) -> str | None:
         return _END
     try:
         payload = json.loads(data)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, ValueError) as e:  # ValueError: e.g. an integer literal too long to convert
         raise LLMError(f"LLM server sent invalid JSON in its stream: {data[:200]!r}") from e
+    if not isinstance(payload, dict):
+        raise _shape(data)
     if "error" in payload:
         err = payload["error"]
         raise LLMError(f"LLM server error: {err.get('message', err) if isinstance(err, dict) else err}")
-    choices = payload.get("choices") or []
-    if not choices:
+    choices = payload.get("choices")
+    if choices is None or choices == []:
+        return None  # e.g. a usage-only chunk
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise _shape(data)
+    delta = choices[0].get("delta")
+    if delta is None:
         return None
-    return (choices[0].get("delta") or {}).get("content") or None
+    if not isinstance(delta, dict):
+        raise _shape(data)
+    content = delta.get("content")
+    if content is None or content == "":
+        return None
+    if not isinstance(content, str):
+        raise _shape(data)
+    return content
+
+
+def _shape(data: str) -> LLMError:
+    return LLMError(f"LLM server sent a chunk that is not a chat-completion delta: {data[:200]!r}")
