@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import select
+import socket
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -145,3 +149,56 @@ def test_decode_image_formats() -> None:
     with pytest.raises(AvatarStoreError) as e:
         decode_image(png(np.zeros((200, 200, 3), np.uint8)), 10_000)
     assert e.value.status == 413
+
+
+def _post_raw(port: int, head: str, body_chunks: Iterator[bytes]) -> tuple[bytes, int]:
+    """Sends a request over a raw socket, stopping as soon as the server answers; returns (answer, bytes sent)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(30)
+    sent = 0
+    try:
+        s.sendall(head.encode())
+        for chunk in body_chunks:
+            readable, _, _ = select.select([s], [], [], 0)
+            if readable:
+                break  # the server answered before the body ended
+            try:
+                s.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while b"\r\n\r\n" not in answer and (part := s.recv(65536)):
+                answer += part
+        return answer, sent
+    finally:
+        s.close()
+
+
+def test_uploads_over_the_limit_are_refused_before_they_are_read(live_app: LiveApp) -> None:
+    """By Content-Length at once, and a chunked body is cut off at the limit: the server never takes 300 MB."""
+    limit = live_app.settings.avatar.max_upload_bytes
+    mb = b"\x00" * (1 << 20)
+    head = (f"POST /api/avatar/add HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {300 << 20}\r\n\r\n")
+    answer, sent = _post_raw(live_app.port, head, iter([mb] * 300))
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < limit, sent  # answered from the header, while the body was still coming
+
+    def chunked() -> Iterator[bytes]:
+        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+        for k in range(300):
+            data = part + mb if k == 0 else mb  # a well-formed part whose file never ends
+            yield b"%x\r\n" % len(data) + data + b"\r\n"
+
+    head = ("POST /api/avatar/add HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n")
+    answer, sent = _post_raw(live_app.port, head, chunked())
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < limit + (8 << 20), sent  # stopped near the limit (plus what the socket buffers held)
+    # Other routes have the general limit.
+    r = httpx.post(live_app.http + "/api/llm/chat", content=b"{" + b" " * (live_app.settings.server.max_body_bytes + 1),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert httpx.get(live_app.http + "/health").status_code == 200

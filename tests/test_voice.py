@@ -167,7 +167,8 @@ async def test_barge_in_cancels_the_reply_and_keeps_only_what_was_heard(live_app
     assert word_match(second, start2["user_text"]) >= 0.7
     _, done2 = await c.wait_for("turn_done", after=mark, turn_id=start2["turn_id"], timeout=90)
     assert done2["reason"] == "complete"
-    session = next(iter(live_app.app.state.sessions._sessions.values()))
+    session_id = c.events("session")[0]["session_id"]
+    session = next(s for s in live_app.app.state.sessions.sessions() if s.id == session_id)
     turns = [(m.role, m.content) for m in session.history.turns]
     assert ("assistant", heard) in turns
     assert ("assistant", full) not in turns

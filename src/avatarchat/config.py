@@ -27,6 +27,17 @@ class ServerConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 for all.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     max_message_bytes: int = Field(64 * 1024, ge=256, description="Largest WebSocket text frame accepted.")
+    max_body_bytes: int = Field(
+        2 * 2**20, ge=1024, description="Largest HTTP request body, except uploads (avatar.max_upload_bytes). "
+        "Refused by Content-Length before it is read, and a streamed body is cut off at the limit (413).",
+    )
+    max_send_buffer_bytes: int = Field(
+        4 * 2**20, ge=64 * 1024, description="Most bytes queued for one WebSocket client. A client that falls this far "
+        "behind (it stopped reading, or its link is slower than the stream) is told so and disconnected.",
+    )
+    send_timeout_s: float = Field(
+        10.0, gt=0, description="Longest one WebSocket send may wait for the client; past it the client is disconnected.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_json: bool = Field(True, description="JSON log lines (false: plain text).")
 

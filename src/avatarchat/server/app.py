@@ -27,6 +27,8 @@ from avatarchat.pipeline.capacity import calibrate_capacity
 from avatarchat.server.idle import IdleClips
 from avatarchat.server.llm_api import router as llm_router
 from avatarchat.server.monitor import router as monitor_router
+from avatarchat.server.body_limit import BodyLimitMiddleware, upload_limits
+from avatarchat.services.render_wire import max_body
 from avatarchat.server.relay import RelayMiddleware
 from avatarchat.server.render_api import router as render_router
 from avatarchat.server.service_auth import ServiceTokenMiddleware
@@ -113,6 +115,10 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         if token := settings.services.token.get_secret_value():
             app.add_middleware(ServiceTokenMiddleware, token=token)
     app.include_router(avatar_router)
+    render = settings.services.render
+    app.add_middleware(BodyLimitMiddleware,  # render batches have their own, checked limit (render_api.py)
+                       default=max(settings.server.max_body_bytes, max_body(render.max_batch_frames, render.max_batch_samples)),
+                       per_path=upload_limits(settings.avatar.max_upload_bytes))
     app.add_exception_handler(AvatarServiceError, service_error)
     app.add_exception_handler(WebRTCError, service_error)
     if settings.llm.engine == "router" and settings.llm.router.mount_api:

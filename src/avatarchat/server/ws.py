@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import logging
+import socket
 import struct
 import time
 from typing import Any
@@ -38,31 +41,122 @@ class ProtocolError(Exception):
 
 
 class WebSocketSender:
-    """Serializes sends: stages of a turn and the receive loop share one socket."""
+    """The one writer of a socket. The turn's stages and the receive loop queue their messages and never wait
+    on the client; a writer task sends them in order. A client that stops reading cannot hold its session (and
+    its slot) for ever: the queue is bounded (``server.max_send_buffer_bytes``) and each send has a deadline
+    (``server.send_timeout_s``). Past either, the client is told why if its socket still takes it, and
+    ``ended`` is set: the endpoint then closes the session (as it does after ``close``, which also sets it)."""
 
-    def __init__(self, ws: WebSocket) -> None:
+    def __init__(self, ws: WebSocket, max_buffer_bytes: int = 4 * 2**20, send_timeout_s: float = 10.0) -> None:
         self._ws = ws
-        self._lock = asyncio.Lock()
+        self._max = max_buffer_bytes
+        self._timeout = send_timeout_s
+        self._queue: collections.deque[str | bytes] = collections.deque()
+        self._buffered = 0
+        self._ready = asyncio.Event()  # something is queued
+        self._drained = asyncio.Event()  # nothing is queued or being sent
+        self._drained.set()
+        self.ended = asyncio.Event()
+        self.reason = ""
+        self._why: str | None = None  # the error event that tells a dropped client why
+        self._writer = asyncio.create_task(self._write(), name="ws-writer")
+        _cap_kernel_buffer(ws, min(max_buffer_bytes, 256 * 1024))
 
     async def event(self, type: str, **fields: object) -> None:
         if type == "error":
             metrics.ERRORS.labels(str(fields.get("code"))).inc()
-        await self._send({"type": type, **fields})
-
-    async def media(self, turn_id: int, payload: bytes) -> None:
-        async with self._lock:
-            if self._ws.application_state == WebSocketState.CONNECTED:
-                await self._ws.send_bytes(_HEADER.pack(b"AC", PROTOCOL, MEDIA_FMP4, turn_id) + payload)
-
-    async def _send(self, event: dict[str, Any]) -> None:
-        text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps({"type": type, **fields}, ensure_ascii=False, separators=(",", ":"))
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate (from an LLM, say): as an escape it is still valid JSON
-            text = json.dumps(event, separators=(",", ":"))
-        async with self._lock:
-            if self._ws.application_state == WebSocketState.CONNECTED:
-                await self._ws.send_text(text)
+            text = json.dumps({"type": type, **fields}, separators=(",", ":"))
+        self._put(text)
+
+    async def media(self, turn_id: int, payload: bytes) -> None:
+        self._put(_HEADER.pack(b"AC", PROTOCOL, MEDIA_FMP4, turn_id) + payload)
+
+    def _put(self, message: str | bytes) -> None:
+        if self.reason or self._writer.done():  # disconnecting, or the client is gone
+            return
+        if self._buffered + len(message) > self._max:
+            self._fail("slow_client", f"the client fell {self._buffered + len(message)} bytes behind the stream "
+                                      f"(limit {self._max})")
+            return
+        self._buffered += len(message)
+        self._queue.append(message)
+        self._drained.clear()
+        self._ready.set()
+
+    def _fail(self, code: str, message: str) -> None:
+        """Drop what waits; the next thing written, if the socket takes it, is why."""
+        log.warning("disconnecting a client", extra={"code": code, "reason": message})
+        metrics.ERRORS.labels(code).inc()
+        self.reason = message
+        self._queue.clear()
+        self._buffered = 0
+        self._why = json.dumps({"type": "error", "code": code, "message": message, "fatal": True}, separators=(",", ":"))
+        self._queue.append(self._why)
+        self._drained.clear()
+        self._ready.set()
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._ready.wait()
+                if not self._queue:
+                    self._ready.clear()
+                    self._drained.set()
+                    if self.reason:
+                        return
+                    continue
+                message = self._queue.popleft()
+                if not self.reason:
+                    self._buffered -= len(message)
+                if self._ws.application_state != WebSocketState.CONNECTED:
+                    continue
+                try:
+                    # The reason for a disconnect gets a short try: the socket may be the very problem.
+                    async with asyncio.timeout(1.0 if self.reason else self._timeout):
+                        if isinstance(message, bytes):
+                            await self._ws.send_bytes(message)
+                        else:
+                            await self._ws.send_text(message)
+                except TimeoutError:
+                    if message is self._why:
+                        return  # not even that went out: the close will do
+                    if not self.reason:
+                        self._fail("slow_client", f"the client did not take a message within {self._timeout:g} s")
+                except (RuntimeError, WebSocketDisconnect, OSError):
+                    return  # the client is gone: the receive loop sees it too
+        finally:
+            self._drained.set()
+            if self.reason:
+                self.ended.set()
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Wait (a bounded time) until what is queued has been written."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout)
+
+    async def close(self, code: int = 1000) -> None:
+        """Send what is queued (a fatal error, say), then close the socket; never waits long on the client."""
+        await self.flush()
+        self._writer.cancel()
+        self.ended.set()  # even if the client never answers the close, its session ends
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError, OSError):
+            async with asyncio.timeout(1.0):
+                await self._ws.close(code)
+
+
+def _cap_kernel_buffer(ws: WebSocket, size: int) -> None:
+    """Best effort: the kernel's send buffer on loopback grows to megabytes, which would hide a stalled client
+    behind half a minute of stream. Capped, a client that stops reading shows up within the configured budget.
+    (The ASGI scope has no socket; uvicorn's protocol behind ``receive`` has the transport.)"""
+    transport = getattr(getattr(ws._receive, "__self__", None), "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def parse_event(text: str, max_chars: int) -> dict[str, Any]:
@@ -235,17 +329,17 @@ async def session_socket(ws: WebSocket) -> None:
     engines: Engines = app.state.engines
     manager: SessionManager = app.state.sessions
     settings = engines.settings
-    sender = WebSocketSender(ws)
+    sender = WebSocketSender(ws, settings.server.max_send_buffer_bytes, settings.server.send_timeout_s)
     avatar = ws.query_params.get("avatar") or settings.avatar.default
     try:
         known = await manager.media.exists(avatar)
     except MediaError as e:
         await sender.event("error", code=e.code, message=str(e), fatal=True)
-        await ws.close(1013)
+        await sender.close(1013)
         return
     if not known:
         await sender.event("error", code="invalid_field", message=f"no avatar named {avatar[:64]!r}", fatal=True)
-        await ws.close(1008)
+        await sender.close(1008)
         return
 
     def on_idle(s: Session) -> None:
@@ -259,7 +353,7 @@ async def session_socket(ws: WebSocket) -> None:
         code = "server_busy" if e.reason == "capacity" else "session_limit"
         retry = {} if e.retry_after_s is None else {"retry_after_ms": round(e.retry_after_s * 1000)}
         await sender.event("error", code=code, message=str(e), fatal=True, **retry)
-        await ws.close(1013)
+        await sender.close(1013)
         return
     try:
         await engines.ready.wait()
@@ -267,7 +361,7 @@ async def session_socket(ws: WebSocket) -> None:
             width, height = await session.media.size(avatar)
         except MediaError as e:
             await sender.event("error", code=e.code, message=str(e), fatal=True)
-            await ws.close(1013)
+            await sender.close(1013)
             return
         await sender.event(
             "session",
@@ -287,11 +381,23 @@ async def session_socket(ws: WebSocket) -> None:
             },
             settings=session_settings(session),
         )
-        await _receive_loop(ws, session, sender)
+        receiving = asyncio.create_task(_receive_loop(ws, session, sender), name=f"receive-{session.id[:8]}")
+        failing = asyncio.create_task(sender.ended.wait())
+        try:
+            await asyncio.wait({receiving, failing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failing.cancel()
+            if not receiving.done():  # the client fell behind or idled out: its session ends, its slot is free
+                receiving.cancel()
+                await asyncio.gather(receiving, return_exceptions=True)
+                await sender.close(1008)
+        if receiving.done() and not receiving.cancelled():
+            receiving.result()  # its own errors, handled below
     except (WebSocketDisconnect, UnknownAvatarError):
         pass
     finally:
         await manager.close(session)
+        await sender.close()
 
 
 async def _receive_loop(ws: WebSocket, session: Session, sender: WebSocketSender) -> None:
@@ -361,8 +467,5 @@ async def _handle(message: Message, session: Session, sender: WebSocketSender, t
 
 
 async def _expire(ws: WebSocket, sender: WebSocketSender) -> None:
-    try:
-        await sender.event("error", code="idle_timeout", message="session closed after being idle", fatal=True)
-        await ws.close(1000)
-    except (RuntimeError, WebSocketDisconnect):
-        pass  # already gone
+    await sender.event("error", code="idle_timeout", message="session closed after being idle", fatal=True)
+    await sender.close(1000)

@@ -17,6 +17,8 @@ import codecs
 import ctypes
 import importlib.util
 import logging
+import math
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -187,6 +189,9 @@ class LlamaCppEngine:
         self._batch = internals.LlamaBatch(n_tokens=c.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._vocab = C.llama_model_get_vocab(self._model.model)
         self._slots = [_Slot(i) for i in range(1, c.parallel + 1)]
+        n_vocab = C.llama_vocab_n_tokens(self._vocab)
+        self._n_vocab = n_vocab
+        self._unspeakable = {t: -math.inf for t in range(n_vocab) if _pictograph(self._piece(t))}
         if self._system_prompt:
             self._system = self.tokenize(chatml([{"role": "system", "content": self._system_prompt}])
                                          .removesuffix("<|im_start|>assistant\n"))
@@ -371,6 +376,9 @@ class LlamaCppEngine:
         from llama_cpp import _internals as internals
 
         s = internals.LlamaSampler()
+        # A voice cannot say an emoji: a small model's reply made only of them left the avatar silent.
+        if self._unspeakable:
+            s.add_logit_bias(self._n_vocab, self._unspeakable)
         if temperature <= 0:
             s.add_greedy()
         else:
@@ -549,3 +557,14 @@ def _full_error() -> LLMError:
 
 def _soon() -> float:
     return time.perf_counter() + 1.0
+
+
+# UTF-8 lead bytes of pictographs: U+1F000–1FFFF (emoji, symbols), U+2600–27BF (dingbats), U+2B00–2BFF
+# (arrows, stars), U+FE0F (the emoji presentation selector). Byte-level vocabularies split them across tokens:
+# a token holding the lead bytes is enough to ban, since the rest cannot follow without it. A token that ends
+# in a bare 4-byte lead (F0) is banned too: it could be completed into an emoji by the next token.
+_PICTOGRAPH = re.compile(rb"\xf0\x9f|\xe2[\x98-\x9e]|\xe2[\xac\xad]|\xef\xb8\x8f|\xf0$")
+
+
+def _pictograph(piece: bytes) -> bool:
+    return _PICTOGRAPH.search(piece) is not None
