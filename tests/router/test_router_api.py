@@ -33,7 +33,7 @@ ROOT = Path(__file__).parents[2]
     (b'{"model": "gpt-4o", "messages": [{"role": "user"}], "stream": "yes"}', 400, "invalid_stream"),
     (b'{"model": "tag:,", "messages": [{"role": "user"}]}', 400, "invalid_model"),
     (b'{"model": "no-such-model", "messages": [{"role": "user"}]}', 404, "model_not_found"),
-    (b'{"model": "gpt-4o", "messages": [{"role": "user"}], "router_strategy": "random"}', 400, "invalid_model"),
+    (b'{"model": "gpt-4o", "messages": [{"role": "user"}], "router_strategy": "random"}', 400, "invalid_strategy"),
 ])
 async def test_malformed_requests_get_openai_errors(live_router, content: bytes, status: int, code: str) -> None:
     live = await live_router()
@@ -208,3 +208,20 @@ def test_cli_rejects_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["--config", str(tmp_path / "bad.yaml"), "router"]) == 2
     assert "channels: must have at least 1 item" in capsys.readouterr().err
     assert main(["router"]) == 2
+
+
+async def test_unknown_strategy_names_the_field_that_carried_it(live_router) -> None:
+    live = await live_router()
+    msgs = [{"role": "user", "content": "x"}]
+    r = await live.client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": msgs, "router_strategy": "random"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "router_strategy"
+    assert r.json()["error"]["code"] == "invalid_strategy" and "'random'" in r.json()["error"]["message"]
+    r = await live.client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": msgs},
+                               headers={"x-router-strategy": "random"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-router-strategy"
+    r = await live.client.get("/admin/explain", params={"model": "gpt-4o", "strategy": "random"}, headers=live.admin)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "strategy"
+    r = await live.client.post("/admin/explain", json={"model": "gpt-4o", "router_strategy": "random"}, headers=live.admin)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "router_strategy"
+    r = await live.client.get("/admin/explain", params={"model": "tag:,"}, headers=live.admin)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"  # a bad model is still the model's fault

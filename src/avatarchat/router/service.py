@@ -17,7 +17,7 @@ from avatarchat.router.config import STRATEGIES, RouterConfig, RouterConfigError
 from avatarchat.router.executor import Candidate, RouteError
 from avatarchat.router.health import ChannelHealth
 from avatarchat.router.index import Discovered, Entry, Index, discovered_entries, static_entries
-from avatarchat.router.query import Query, QueryError, parse_query
+from avatarchat.router.query import Query, StrategyError, parse_query
 from avatarchat.router.upstream import HttpUpstream, LocalUpstream, Target, Upstream
 
 log = logging.getLogger("avatarchat.router")
@@ -409,8 +409,8 @@ class Router:
 
 
 def _strategy(state: State, strategy: str | None) -> str:
-    """The request's strategy, else the config's; QueryError for an unknown one."""
+    """The request's strategy, else the config's; StrategyError for an unknown one."""
     strategy = strategy or state.config.strategy
     if strategy not in STRATEGIES:
-        raise QueryError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+        raise StrategyError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
     return strategy
