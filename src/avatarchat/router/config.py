@@ -92,7 +92,7 @@ class CooldownConfig:
 
 @dataclass
 class HealthConfig:
-    interval_s: float = _f(30.0, ge=0, doc="Background health checks (GET /models); 0: off.")
+    interval_s: float = _f(30.0, ge=0, doc="Background health checks (GET /models, only its status and headers read); 0: off.")
     timeout_s: float = _f(5.0, gt=0)
 
 

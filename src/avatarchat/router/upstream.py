@@ -22,6 +22,7 @@ from avatarchat.router.config import RetryConfig
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 CLIENT_STATUS = frozenset({400, 413, 422})  # the request itself is wrong: another channel won't help
+_PROBE_DETAIL_BYTES = 4096  # of a failed health probe's body, for its error message
 
 
 class UpstreamError(Exception):
@@ -157,12 +158,24 @@ class HttpUpstream:
             await resp.aclose()
 
     async def probe(self, base_url: str, headers: dict[str, str], timeout: float) -> tuple[int, str]:
-        """GET …/models: (status, detail); status 0 when unreachable."""
+        """GET …/models: (status, detail); status 0 when unreachable. Only the head is read on a 200 (the
+        list can be MBs, every interval, per channel): closing it unread drops that one connection."""
+        req = self.client.build_request("GET", base_url.rstrip("/") + "/models", headers=headers, timeout=timeout)
         try:
-            resp = await self.client.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout)
+            resp = await self.client.send(req, stream=True)
+            try:
+                if resp.status_code == 200:
+                    return 200, ""
+                head = b""
+                async for chunk in resp.aiter_raw():
+                    head += chunk
+                    if len(head) >= _PROBE_DETAIL_BYTES:
+                        break
+            finally:
+                await resp.aclose()
         except httpx.HTTPError as e:
             return 0, _wrap(e).message
-        return resp.status_code, "" if resp.status_code == 200 else _detail(resp.content)
+        return resp.status_code, _detail(head[:_PROBE_DETAIL_BYTES])
 
 
 def _text(content: object) -> str:
