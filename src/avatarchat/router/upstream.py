@@ -91,7 +91,8 @@ def _detail(body: bytes) -> str:
     return body[:300].decode("utf-8", "replace").strip() or "(empty body)"
 
 
-def _wrap(e: httpx.HTTPError) -> UpstreamError:
+def upstream_error(e: httpx.HTTPError) -> UpstreamError:
+    """A transport error as the UpstreamError that names it (connect, timeout or dropped)."""
     if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
         return UpstreamError(f"connect failed: {type(e).__name__}: {e}".rstrip(": "), kind="connect")
     if isinstance(e, httpx.TimeoutException):
@@ -122,7 +123,7 @@ class HttpUpstream:
         try:
             resp = await self.client.post(target.url, content=self._body(target, body), headers=target.headers)
         except httpx.HTTPError as e:
-            raise _wrap(e) from None
+            raise upstream_error(e) from None
         if resp.status_code != 200:
             raise UpstreamError(f"HTTP {resp.status_code}: {_detail(resp.content)}", status=resp.status_code,
                                 retry_after=retry_after(resp.headers.get("retry-after")), body=resp.content)
@@ -144,7 +145,7 @@ class HttpUpstream:
         try:
             resp = await self.client.send(req, stream=True)
         except httpx.HTTPError as e:
-            raise _wrap(e) from None
+            raise upstream_error(e) from None
         try:
             if resp.status_code != 200:
                 data = await resp.aread()
@@ -153,7 +154,7 @@ class HttpUpstream:
             async for batch in sse.batches(resp.aiter_raw()):
                 yield batch
         except httpx.HTTPError as e:
-            raise _wrap(e) from None
+            raise upstream_error(e) from None
         finally:
             await resp.aclose()
 
@@ -174,7 +175,7 @@ class HttpUpstream:
             finally:
                 await resp.aclose()
         except httpx.HTTPError as e:
-            return 0, _wrap(e).message
+            return 0, upstream_error(e).message
         return resp.status_code, _detail(head[:_PROBE_DETAIL_BYTES])
 
 
