@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--files", action="store_true", help="only check packages, model files and the port")
 
     rt = sub.add_parser("router", help="run the LLM router alone (OpenAI-compatible, on its own YAML file)")
+    # Its own dest: argparse would let the subcommand's default (None) overwrite a --config given before it.
+    rt.add_argument("--config", dest="router_config", metavar="FILE", help="the router's YAML file (default: the --config before "
+                    "'router', else $AVATARCHAT_CONFIG)")
     rt.add_argument("--host", default="127.0.0.1")
     rt.add_argument("--port", type=int, default=8100)
     rt.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "router":
         from avatarchat.router.serve import serve as serve_router
 
-        return serve_router(args.config, args.host, args.port, args.log_level)
+        return serve_router(args.router_config or args.config, args.host, args.port, args.log_level)
     from avatarchat.config import ConfigError, load_settings
 
     try:

@@ -35,6 +35,7 @@ def ups(upstream_pool: list[OpenAITestServer]) -> Iterator[list[OpenAITestServer
     for i, s in enumerate(upstream_pool):
         s.behaviour = Behaviour(reply=f"answer from {'abc'[i]} .")
         s.requests.clear()
+        s.models_requests = 0
     yield upstream_pool
     for s in upstream_pool:
         s.behaviour = Behaviour()

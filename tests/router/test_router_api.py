@@ -33,7 +33,7 @@ ROOT = Path(__file__).parents[2]
     (b'{"model": "gpt-4o", "messages": [{"role": "user"}], "stream": "yes"}', 400, "invalid_stream"),
     (b'{"model": "tag:,", "messages": [{"role": "user"}]}', 400, "invalid_model"),
     (b'{"model": "no-such-model", "messages": [{"role": "user"}]}', 404, "model_not_found"),
-    (b'{"model": "gpt-4o", "messages": [{"role": "user"}], "router_strategy": "random"}', 400, "invalid_model"),
+    (b'{"model": "gpt-4o", "messages": [{"role": "user"}], "router_strategy": "random"}', 400, "invalid_strategy"),
 ])
 async def test_malformed_requests_get_openai_errors(live_router, content: bytes, status: int, code: str) -> None:
     live = await live_router()
@@ -201,10 +201,72 @@ def test_cli_subprocess_serves_and_reloads_on_sighup(tmp_path: Path, ups: list[O
     assert b"router config rejected" in err
 
 
-def test_cli_rejects_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rejects_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from avatarchat.cli import main
 
+    monkeypatch.delenv("AVATARCHAT_CONFIG", raising=False)
     (tmp_path / "bad.yaml").write_text("providers: {}\nchannels: []\n")
     assert main(["--config", str(tmp_path / "bad.yaml"), "router"]) == 2
     assert "channels: must have at least 1 item" in capsys.readouterr().err
     assert main(["router"]) == 2
+    err = capsys.readouterr().err
+    assert "--config FILE" in err and "$AVATARCHAT_CONFIG" in err
+
+
+@pytest.mark.parametrize("argv, env, used", [
+    (["router", "--config", "{d}/sub.yaml"], None, "sub.yaml"),
+    (["--config", "{d}/top.yaml", "router"], None, "top.yaml"),
+    (["router"], "{d}/env.yaml", "env.yaml"),
+    # The most specific wins: the router's own flag, then the global one, then the environment.
+    (["--config", "{d}/top.yaml", "router", "--config", "{d}/sub.yaml"], "{d}/env.yaml", "sub.yaml"),
+    (["--config", "{d}/top.yaml", "router"], "{d}/env.yaml", "top.yaml"),
+])
+def test_cli_router_config_each_spelling_loads_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                                        env: str | None, used: str) -> None:
+    from avatarchat.cli import main
+
+    for name in ("sub.yaml", "top.yaml", "env.yaml"):  # each invalid, so the error names the file that was read
+        (tmp_path / name).write_text("providers: {}\nchannels: []\n")
+    monkeypatch.delenv("AVATARCHAT_CONFIG", raising=False)
+    if env:
+        monkeypatch.setenv("AVATARCHAT_CONFIG", env.format(d=tmp_path))
+    assert main([a.format(d=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / used}: channels: must have at least 1 item" in err, err
+    assert ("$AVATARCHAT_CONFIG" in err) == (used == "env.yaml")  # a path from the environment says so
+
+
+def test_cli_router_serves_with_config_after_the_subcommand(tmp_path: Path, ups: list[OpenAITestServer]) -> None:
+    cfg = base_config(ups)
+    cfg["channels"][0]["models"].append("only-in-this-file")
+    path = write(tmp_path / "r.yaml", cfg)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+    env.pop("AVATARCHAT_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "avatarchat", "router", "--config", str(path), "--port", str(port),
+                             "--log-level", "warning"], env=env, stderr=subprocess.PIPE)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", proc)
+        ids = [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]]
+        assert "only-in-this-file" in ids
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+async def test_unknown_strategy_names_the_field_that_carried_it(live_router) -> None:
+    live = await live_router()
+    msgs = [{"role": "user", "content": "x"}]
+    r = await live.client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": msgs, "router_strategy": "random"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "router_strategy"
+    assert r.json()["error"]["code"] == "invalid_strategy" and "'random'" in r.json()["error"]["message"]
+    r = await live.client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": msgs},
+                               headers={"x-router-strategy": "random"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-router-strategy"
+    r = await live.client.get("/admin/explain", params={"model": "gpt-4o", "strategy": "random"}, headers=live.admin)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "strategy"
+    r = await live.client.post("/admin/explain", json={"model": "gpt-4o", "router_strategy": "random"}, headers=live.admin)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "router_strategy"
+    r = await live.client.get("/admin/explain", params={"model": "tag:,"}, headers=live.admin)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"  # a bad model is still the model's fault

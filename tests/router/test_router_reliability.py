@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from tests.router.conftest import base_config
+from tests.support.models_server import BigModelsServer
 from tests.support.openai_server import OpenAITestServer
+
+
+@pytest.fixture
+def big_models() -> Iterator[BigModelsServer]:
+    server = BigModelsServer().start()
+    yield server
+    server.stop()
 
 
 def sse_text(raw: bytes) -> tuple[str, list[dict]]:
@@ -203,3 +214,24 @@ async def test_client_leaving_mid_stream_releases_the_channel(live_router, ups: 
             break
         await __import__("asyncio").sleep(0.02)
     assert h.inflight == 0 and h.failures == 0 and h.state == "closed"
+
+
+async def test_health_probe_does_not_download_the_models_list(live_router, ups: list[OpenAITestServer],
+                                                              big_models: BigModelsServer) -> None:
+    cfg = base_config(ups, health={"interval_s": 0, "timeout_s": 10})
+    cfg["providers"]["a"]["base_url"] = big_models.base_url
+    live = await live_router(cfg)
+    size = len(big_models.body)
+    assert size > 10_000_000
+    # What a probe that reads GET /models whole costs: the whole list (and the counter sees it).
+    async with httpx.AsyncClient(timeout=20) as c:
+        assert len((await c.get(big_models.base_url + "/models")).content) == size
+    assert await asyncio.to_thread(big_models.next_sent) == size
+    h = live.router.health["a"]
+    for _ in range(2):
+        h.failure("test error", 500)
+    assert h.state == "open"
+    await live.router.check_health()
+    sent = await asyncio.to_thread(big_models.next_sent)
+    assert sent < size / 10, f"the probe took {sent} of {size} bytes"
+    assert h.state == "closed"  # the probe still saw the 200 and closed the circuit early

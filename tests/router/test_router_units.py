@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from avatarchat.router import discovery, sse, strategies
-from avatarchat.router.config import RouterConfigError, load_config, parse_config
+from avatarchat.router.config import DiscoveryConfig, RouterConfigError, load_config, parse_config
 from avatarchat.router.health import ChannelHealth
 from avatarchat.router.index import Index, discovered_entries, static_entries
 from avatarchat.router.query import QueryError, guess_quality, model_tags, parse_query
@@ -60,6 +61,8 @@ def test_model_tags_and_quality() -> None:
     (lambda c: c["providers"]["p"].update(base_url="ftp://x"), "must start with http"),
     (lambda c: c.update(aliases={"a": "b", "b": "gpt-4o"}), "aliases.a: points to another alias"),
     (lambda c: c.update(unknown_key=1), "unknown_key: unknown key"),
+    (lambda c: c.update(discovery={"timeout_s": 0}), "discovery.timeout_s: must be > 0"),
+    (lambda c: c.update(discovery={"retry_attempts": -1}), "discovery.retry_attempts: must be >= 0"),
 ])
 def test_config_errors_are_precise(mutate, msg: str) -> None:
     cfg = json.loads(json.dumps(CFG))
@@ -83,6 +86,16 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(Path(__file__).parents[2] / "router.example.yaml")
     assert cfg.channels and cfg.strategy in strategies.STATIC
+
+
+def test_discovery_has_its_own_documented_timeout() -> None:
+    cfg = parse_config({**CFG, "health": {"timeout_s": 2}, "discovery": {"timeout_s": 60}})
+    assert cfg.discovery.timeout_s == 60 and cfg.health.timeout_s == 2
+    assert parse_config(CFG).discovery.timeout_s == 30  # a default of its own, not health's 5 s
+    for f in dataclasses.fields(DiscoveryConfig):
+        assert f.metadata["doc"], f"discovery.{f.name} has no description"
+    example = (Path(__file__).parents[2] / "router.example.yaml").read_text()
+    assert all(f"  {f.name}:" in example for f in dataclasses.fields(DiscoveryConfig))  # shown with every key
 
 
 def build_index() -> tuple[Index, object]:

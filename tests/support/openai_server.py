@@ -38,6 +38,9 @@ class Behaviour:
     raw_data: list[str] | None = None  # SSE data payloads sent as they are, instead of the reply
     keepalive_forever: bool = False  # only keep-alive comments, never content
     headers_delay_s: float = 0.0  # before the response headers
+    models_status: int = 200  # GET /v1/models answers this (an error body unless 200)
+    models_delay_s: float = 0.0  # before GET /v1/models answers
+    models_gate: threading.Event | None = None  # GET /v1/models answers once this is set (waits at most 60 s)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class OpenAITestServer:
     behaviour: Behaviour = field(default_factory=Behaviour)
     requests: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
+    models_requests: int = 0  # GET /v1/models requests received
     in_flight: int = 0  # streams being sent now
     peak_in_flight: int = 0
     _server: uvicorn.Server | None = None
@@ -57,8 +61,15 @@ class OpenAITestServer:
     def _app(self) -> Starlette:
         async def models(request: Request) -> Response:
             b = self.behaviour
+            self.models_requests += 1
+            if b.models_gate is not None:
+                await asyncio.to_thread(b.models_gate.wait, 60)
+            await asyncio.sleep(b.models_delay_s)
             if b.api_key is not None and request.headers.get("authorization") != f"Bearer {b.api_key}":
                 return JSONResponse({"error": {"message": "invalid api key", "type": "auth"}}, status_code=401)
+            if b.models_status != 200:
+                return JSONResponse({"error": {"message": f"test error {b.models_status}", "type": "test"}},
+                                    status_code=b.models_status)
             ids = b.models if b.models is not None else ["test-model"]
             return JSONResponse({"object": "list", "data": [{"id": i, "object": "model"} for i in ids]})
 

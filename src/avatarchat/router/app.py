@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route
 from avatarchat.router import sse
 from avatarchat.router.config import RouterConfigError
 from avatarchat.router.executor import Committed, RouteError, relay
-from avatarchat.router.query import QueryError
+from avatarchat.router.query import QueryError, StrategyError
 from avatarchat.router.service import Router
 
 log = logging.getLogger("avatarchat.router")
@@ -92,10 +92,14 @@ def router_routes(get: Getter, admin_prefix: str = "/admin") -> list[BaseRoute]:
             limits = router.state.config.limits
             body = await _read_body(request, limits.max_body_bytes)
             validate_chat(body, limits.max_messages)
-            strategy = body.pop("router_strategy", None) or request.headers.get("x-router-strategy")
+            strategy, strategy_field = body.pop("router_strategy", None), "router_strategy"
+            if not strategy:
+                strategy, strategy_field = request.headers.get("x-router-strategy"), "x-router-strategy"
             result, cand, attempts = await router.chat(body, strategy)
         except ClientError as e:
             return error(e.status, e.message, code=e.code, param=e.param)
+        except StrategyError as e:
+            return error(400, str(e), code="invalid_strategy", param=strategy_field)
         except QueryError as e:
             return error(400, str(e), code="invalid_model", param="model")
         except RouteError as e:
@@ -153,14 +157,20 @@ def router_routes(get: Getter, admin_prefix: str = "/admin") -> list[BaseRoute]:
         return JSONResponse(router.stats())
 
     async def explain(request: Request, router: Router) -> Response:
+        strategy_field = "strategy"
         if request.method == "POST":
             body = await _read_body(request, router.state.config.limits.max_body_bytes)
-            model, strategy = body.get("model"), body.get("strategy") or body.get("router_strategy")
+            model, strategy = body.get("model"), body.get("strategy")
+            if not strategy:
+                strategy, strategy_field = body.get("router_strategy"), "router_strategy"
         else:
             model, strategy = request.query_params.get("model"), request.query_params.get("strategy")
         if not isinstance(model, str) or not model:
             raise ClientError(400, "explain needs a 'model' (query parameter or JSON field)", "model", "missing_model")
-        return JSONResponse(router.explain(model, strategy))
+        try:
+            return JSONResponse(router.explain(model, strategy))
+        except StrategyError as e:
+            raise ClientError(400, str(e), strategy_field, "invalid_strategy") from None
 
     async def reload(request: Request, router: Router) -> Response:
         try:

@@ -92,8 +92,18 @@ class CooldownConfig:
 
 @dataclass
 class HealthConfig:
-    interval_s: float = _f(30.0, ge=0, doc="Background health checks (GET /models); 0: off.")
+    interval_s: float = _f(30.0, ge=0, doc="Background health checks (GET /models, only its status and headers read); 0: off.")
     timeout_s: float = _f(5.0, gt=0)
+
+
+@dataclass
+class DiscoveryConfig:
+    timeout_s: float = _f(30.0, gt=0, doc="HTTP timeout of a provider's GET /models (to connect, and for each read "
+                          "of a list that can be MBs); a health probe reads far less and has its own.")
+    retry_base_s: float = _f(5.0, gt=0, doc="Wait before retrying a provider whose GET /models failed; doubles each time.")
+    retry_max_s: float = _f(300.0, gt=0, doc="Longest wait between two retries.")
+    retry_attempts: int = _f(20, ge=0, doc="Background retries before giving up until the next reload; 0: none. "
+                             "Until then a model only that provider could serve answers 503 with Retry-After, not 404.")
 
 
 @dataclass
@@ -123,6 +133,7 @@ class RouterConfig:
     retry: RetryConfig = _f(factory=RetryConfig)
     cooldown: CooldownConfig = _f(factory=CooldownConfig)
     health: HealthConfig = _f(factory=HealthConfig)
+    discovery: DiscoveryConfig = _f(factory=DiscoveryConfig)
     admin: AdminConfig = _f(factory=AdminConfig)
     limits: LimitsConfig = _f(factory=LimitsConfig)
 

@@ -130,10 +130,12 @@ def write_cache(cache: Path, providers: dict[str, list[dict[str, Any]]]) -> int:
             f.write("]}")
         f.write("}}\n")
     os.replace(tmp, cache)
-    flat = [(name, m["id"], _context(m), _per_million((m.get("pricing") or {}).get("prompt")),
-             _per_million((m.get("pricing") or {}).get("completion")))
-            for name, models in providers.items() for m in models if isinstance(m.get("id"), str)]
-    return write_snapshot(cache, flat)
+    return write_snapshot(cache, flatten(providers))
+
+
+def flatten(providers: dict[str, list[dict[str, Any]]]) -> list[Discovered]:
+    """Each provider's GET /models entries as the snapshot's compact rows."""
+    return models_from_cache({"providers": {name: {"models": models} for name, models in providers.items()}})
 
 
 def main(argv: list[str] | None = None) -> int:

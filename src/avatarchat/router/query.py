@@ -14,6 +14,10 @@ class QueryError(ValueError):
     """The model string is malformed (a client error)."""
 
 
+class StrategyError(QueryError):
+    """The requested routing strategy is unknown (a client error about the strategy field, not the model)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
     raw: str

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from avatarchat.router import discovery, executor, strategies
 from avatarchat.router.config import STRATEGIES, RouterConfig, RouterConfigError, load_config
 from avatarchat.router.executor import Candidate, RouteError
 from avatarchat.router.health import ChannelHealth
 from avatarchat.router.index import Discovered, Entry, Index, discovered_entries, static_entries
-from avatarchat.router.query import Query, QueryError, parse_query
-from avatarchat.router.upstream import HttpUpstream, LocalUpstream, Target, Upstream
+from avatarchat.router.query import Query, StrategyError, parse_query
+from avatarchat.router.upstream import HttpUpstream, LocalUpstream, Target, Upstream, upstream_error
 
 log = logging.getLogger("avatarchat.router")
 _BATCH = 1000  # entries added to the index per event-loop turn (a few ms)
@@ -34,11 +36,24 @@ class State:
     generation: int
     discovered: list[Discovered] | None = None  # the snapshot's models, as soon as they are read
     snapshot_read: asyncio.Event = field(default_factory=asyncio.Event)
+    # Providers (with a "*" channel) whose discovered models may still arrive: being read or fetched, or
+    # failed and retried. While one is, a model no channel serves yet answers 503 + Retry-After, not 404.
+    pending: set[str] = field(default_factory=set)
+    discovery_errors: dict[str, str] = field(default_factory=dict)  # provider → why its GET /models failed
+    retry_at: float | None = None  # monotonic time of the next discovery retry
     groups: OrderedDict[tuple[Query, str, int], dict[str, list[Entry]]] = field(default_factory=OrderedDict)
 
     def target(self, e: Entry) -> Target:
         t = self.targets[e.channel]
         return Target(e.channel, e.model, t.url, t.headers, t.local)
+
+    def waiting_channels(self) -> list[str]:
+        """The "*" channels whose provider's discovery is still pending."""
+        return [ch.name for ch in self.config.channels if ch.enabled and "*" in ch.models and ch.provider in self.pending]
+
+
+def _wild_providers(cfg: RouterConfig) -> set[str]:
+    return {ch.provider for ch in cfg.channels if ch.enabled and "*" in ch.models}
 
 
 def _targets(cfg: RouterConfig) -> dict[str, Target]:
@@ -60,9 +75,9 @@ class Router:
         self.local = LocalUpstream(local_engine) if local_engine is not None else None
         self.http = HttpUpstream(config.retry, config.upstream_transport)
         self.health: dict[str, ChannelHealth] = {}
-        self.discovered: list[Discovered] = []
         self.state = self._new_state(config, 1)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._discovery: asyncio.Task[Any] | None = None  # the current state's discovery work (retries, refresh)
         self._reload_lock = asyncio.Lock()
         self.started_at = time.monotonic()
         self.max_loop_lag_ms = 0.0
@@ -81,7 +96,8 @@ class Router:
         self.health = health
         index = Index()
         index.add(static_entries(cfg))
-        return State(cfg, index, _targets(cfg), generation)
+        pending = _wild_providers(cfg) if cfg.discovery_cache else set()
+        return State(cfg, index, _targets(cfg), generation, pending=pending)
 
     async def _fill(self, state: State, models: list[Discovered]) -> None:
         """Add discovered models in batches: requests are served from the entries already in."""
@@ -108,7 +124,7 @@ class Router:
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         """Returns at once: discovery, health checks and the loop-lag probe start in parallel."""
-        self._spawn(self._load_discovery(self.state), "router-discovery")
+        self._discovery = self._spawn(self._start_discovery(self.state), "router-discovery")
         if self.state.config.health.interval_s > 0:
             self._spawn(self._health_loop(), "router-health")
         if self.state.config.loop_lag_probe:
@@ -140,7 +156,8 @@ class Router:
 
     async def reload(self, path: str | Path | None = None) -> dict[str, object]:
         """Load, validate and index the new config off to the side, then swap it in. On any error the
-        running config stays and RouterConfigError says exactly what is wrong."""
+        running config stays and RouterConfigError says exactly what is wrong. Discovery runs again, as on
+        a restart: the cache's snapshot is re-read, or each provider's GET /models fetched if there is none."""
         p = Path(path) if path else self.path
         if p is None:
             raise RouterConfigError("this router was not started from a file; nothing to reload")
@@ -148,25 +165,30 @@ class Router:
             t0 = time.perf_counter()
             cfg = await asyncio.to_thread(load_config, p)
             state = self._new_state(cfg, self.state.generation + 1)
-            if cfg.discovery_cache != self.state.config.discovery_cache:
-                await self._load_discovery(state, fill_only=False)
-            else:
-                await self._fill(state, self.discovered)
+            fetched = await self._discover(state)
             self.http.retry = cfg.retry
             self.state = state
             self.path = p
             self.reloads += 1
+            if self._discovery is not None:
+                self._discovery.cancel()  # the old state's retries or refresh: this state has its own
+            self._discovery = self._spawn(self._follow_up(state, fetched), "router-discovery")
             return {"generation": state.generation, "channels": len(cfg.channels), "entries": len(state.index.entries),
-                    "seconds": round(time.perf_counter() - t0, 4)}
+                    "discovery_errors": state.discovery_errors, "seconds": round(time.perf_counter() - t0, 4)}
 
-    async def _load_discovery(self, state: State, fill_only: bool = False) -> None:
+    async def _start_discovery(self, state: State) -> None:
+        await self._follow_up(state, await self._discover(state))
+
+    async def _discover(self, state: State) -> dict[str, list[dict[str, Any]]] | None:
+        """Fill the index with discovered models: from the cache's snapshot, else from each discovery
+        provider's GET /models. Returns what was fetched (None: the cache was read)."""
         cfg = state.config
         cache = cfg.discovery_cache
         t0 = time.perf_counter()
-        if not cache or not any("*" in ch.models for ch in cfg.channels):
+        if not cache or not state.pending:
             state.snapshot_read.set()
             state.index.complete.set()
-            return
+            return None
         models = await asyncio.to_thread(discovery.read_snapshot, cache)
         if models is None and Path(cache).is_file():
             log.info("discovery snapshot missing or stale; rebuilding it", extra={"cache": cache})
@@ -175,21 +197,84 @@ class Router:
                 models = await asyncio.to_thread(discovery.read_snapshot, cache)
             except RuntimeError as e:
                 log.error("cannot read the discovery cache", extra={"error": str(e)})
-        fetched = models is None
+        fetched = None
         if models is None:
-            models = await self._fetch(cfg, Path(cache), partial_ok=True)
-        self.discovered = models
+            names = [n for n, p in cfg.providers.items() if p.discovery and p.base_url]
+            fetched, errors = await self._fetch(cfg, names)
+            if names and not errors:  # a partial result is served but not cached: a restart fetches again
+                await asyncio.to_thread(discovery.write_cache, Path(cache), fetched)
+            models = discovery.flatten(fetched)
+            self._discovery_result(state, errors, retrying=cfg.discovery.retry_attempts > 0)
+        else:
+            self._discovery_result(state, {}, retrying=False)
         await self._fill(state, models)
         self.index_seconds = round(time.perf_counter() - t0, 4)
         log.info("router index complete", extra={"entries": len(state.index.entries), "seconds": self.index_seconds})
-        if not fetched:
+        return fetched
+
+    @staticmethod
+    def _discovery_result(state: State, errors: dict[str, str], retrying: bool) -> None:
+        """Set before the index is filled, so a request that waited for it sees whether more may come."""
+        state.discovery_errors = errors
+        state.pending = (set(errors) & state.pending) if retrying else set()
+        state.retry_at = None
+
+    async def _follow_up(self, state: State, fetched: dict[str, list[dict[str, Any]]] | None) -> None:
+        """In the background: retry the providers whose GET /models failed, or refresh a cache that is old."""
+        if fetched is None:
             await self._refresh_if_old(state)
+        elif state.discovery_errors:
+            if state.config.discovery.retry_attempts > 0:
+                await self._retry_discovery(state, fetched)
+            else:
+                log.error("model discovery failed; POST /admin/reload (or SIGHUP) tries again",
+                          extra={"errors": state.discovery_errors})
+
+    async def _retry_discovery(self, state: State, fetched: dict[str, list[dict[str, Any]]]) -> None:
+        """Re-fetch the failed providers with exponential backoff (bounded in time and attempts). Each
+        answer is indexed to the side and swapped in, like a reload; the cache is written once all answered."""
+        d, cache = state.config.discovery, state.config.discovery_cache
+        assert cache is not None  # discovery fetches only to fill a cache
+        for attempt in range(d.retry_attempts):
+            delay = min(d.retry_max_s, d.retry_base_s * 2**attempt)
+            state.retry_at = time.monotonic() + delay
+            log.warning("model discovery failed; retrying", extra={"errors": state.discovery_errors, "in_s": delay})
+            await asyncio.sleep(delay)
+            got, errors = await self._fetch(state.config, list(state.discovery_errors))
+            last = attempt == d.retry_attempts - 1
+            if not got:
+                self._discovery_result(state, errors, retrying=not last)
+                continue
+            fetched.update(got)
+            new = await self._swap(state, discovery.flatten(fetched), errors, retrying=not last)
+            if new is None:
+                return  # reloaded meanwhile
+            state = new
+            if not errors:
+                await asyncio.to_thread(discovery.write_cache, Path(cache), fetched)
+                log.info("model discovery succeeded on retry", extra={"generation": state.generation})
+                return
+        log.error("model discovery failed; gave up retrying until POST /admin/reload (or SIGHUP)",
+                  extra={"errors": state.discovery_errors, "attempts": d.retry_attempts})
+
+    async def _swap(self, state: State, models: list[Discovered], errors: dict[str, str], retrying: bool) -> State | None:
+        """A new index of state's config with these models, built to the side and swapped in (None if a
+        reload replaced state meanwhile: that one has its own discovery)."""
+        async with self._reload_lock:
+            if self.state is not state:
+                return None
+            new = self._new_state(state.config, state.generation + 1)
+            self._discovery_result(new, errors, retrying)
+            await self._fill(new, models)
+            self.state = new
+            return new
 
     async def _refresh_if_old(self, state: State) -> None:
-        """Re-fetch GET /models when the cache is older than discovery_max_age_s; the new index is built
-        to the side and swapped in, like a reload."""
+        """Re-fetch GET /models when the cache is older than discovery_max_age_s; the old cache stays unless
+        every provider answered."""
         cfg = state.config
-        if not cfg.discovery_max_age_s or not cfg.discovery_cache or not any(p.discovery for p in cfg.providers.values()):
+        names = [n for n, p in cfg.providers.items() if p.discovery and p.base_url]
+        if not cfg.discovery_max_age_s or not cfg.discovery_cache or not names:
             return
         try:
             age = time.time() - Path(cfg.discovery_cache).stat().st_mtime
@@ -197,42 +282,46 @@ class Router:
             age = float("inf")
         if age < cfg.discovery_max_age_s:
             return
-        models = await self._fetch(cfg, Path(cfg.discovery_cache), partial_ok=False)
-        if not models:
+        fetched, errors = await self._fetch(cfg, names)
+        if errors:
+            log.warning("discovery refresh failed; the old cache stays", extra={"errors": errors})
             return
-        async with self._reload_lock:
-            if self.state is not state:
-                return  # reloaded meanwhile; that state has its own discovery
-            new = self._new_state(cfg, state.generation + 1)
-            self.discovered = models
-            await self._fill(new, models)
-            self.state = new
-        log.info("discovery refreshed", extra={"models": len(models), "generation": new.generation})
+        await asyncio.to_thread(discovery.write_cache, Path(cfg.discovery_cache), fetched)
+        new = await self._swap(state, discovery.flatten(fetched), {}, retrying=False)
+        if new is not None:
+            log.info("discovery refreshed", extra={"models": len(new.discovered or ()), "generation": new.generation})
 
-    async def _fetch(self, cfg: RouterConfig, cache: Path, partial_ok: bool) -> list[Discovered]:
-        """GET /models from each discovery provider (in parallel) and write the cache and snapshot. A refresh
-        (``partial_ok`` false) keeps the old cache unless every provider answered."""
-        names = [n for n, p in cfg.providers.items() if p.discovery and p.base_url]
+    async def _fetch(self, cfg: RouterConfig, names: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+        """GET /models from the named providers, in parallel: (each answer's models, each failure's reason)."""
 
-        async def one(name: str) -> tuple[str, list[dict[str, Any]]]:
+        async def one(name: str) -> tuple[str, list[dict[str, Any]] | None, str]:
             p = cfg.providers[name]
             headers = dict(p.headers)
             if key := p.api_key():
                 headers["authorization"] = f"Bearer {key}"
             try:
-                r = await self.http.client.get(p.base_url.rstrip("/") + "/models", headers=headers, timeout=cfg.health.timeout_s)  # type: ignore[union-attr]
+                r = await self.http.client.get(p.base_url.rstrip("/") + "/models", headers=headers,  # type: ignore[union-attr]
+                                               timeout=cfg.discovery.timeout_s)
                 r.raise_for_status()
                 data = r.json().get("data") or []
-                return name, [m for m in data if isinstance(m, dict)]
-            except Exception as e:
-                log.warning("model discovery failed", extra={"provider": name, "error": repr(e)})
-                return name, []
+                return name, [m for m in data if isinstance(m, dict)], ""
+            except httpx.HTTPStatusError as e:
+                why = f"HTTP {e.response.status_code}"
+            except httpx.HTTPError as e:
+                why = upstream_error(e).message
+            except (ValueError, AttributeError, TypeError) as e:
+                why = f"not an OpenAI model list: {e}"
+            log.warning("model discovery failed", extra={"provider": name, "error": why})
+            return name, None, why
 
-        found = dict(await asyncio.gather(*(one(n) for n in names)))
-        if not any(found.values()) or (not partial_ok and not all(found.values())):
-            return []
-        await asyncio.to_thread(discovery.write_cache, cache, found)
-        return await asyncio.to_thread(discovery.read_snapshot, cache) or []
+        got: dict[str, list[dict[str, Any]]] = {}
+        errors: dict[str, str] = {}
+        for name, models, why in await asyncio.gather(*(one(n) for n in names)):
+            if models is None:
+                errors[name] = why
+            else:
+                got[name] = models
+        return got, errors
 
     async def _health_loop(self) -> None:
         while True:
@@ -318,8 +407,7 @@ class Router:
         if not groups and not state.index.complete.is_set():
             groups = await self._cold_lookup(state, q, strategy)
         if not groups:
-            raise RouteError(404, f"no channel serves {q.describe()}" + (f" (alias {q.alias!r})" if q.alias else ""),
-                             "model_not_found", "invalid_request_error")
+            raise self._not_found(state, q)
         excluded: dict[str, str] = {}
         cands = self.decide(state, q, strategy, excluded, groups)
         if not cands:
@@ -328,6 +416,23 @@ class Router:
             raise RouteError(503, f"no available channel for {q.describe()}: {reasons}", "no_available_channel",
                              retry_after=max(1.0, retry))
         return state, q, strategy, cands
+
+    def _not_found(self, state: State, q: Query) -> RouteError:
+        """404, unless a channel whose provider's discovery is still pending could serve it: then 503 with
+        Retry-After, which SDKs retry (a 404 they would not)."""
+        what = q.describe() + (f" (alias {q.alias!r})" if q.alias else "")
+        waiting = state.waiting_channels()
+        if waiting:
+            if state.retry_at is None:
+                why, retry = "is in progress", 1.0
+            else:
+                retry = max(1.0, state.retry_at - time.monotonic())
+                why = f"failed and is retried in {retry:.0f} s"
+            return RouteError(503, f"no channel serves {what} yet: model discovery for channel(s) {', '.join(waiting)} {why}",
+                              "discovery_pending", "server_error", retry_after=retry)
+        failed = sorted(p for p in state.discovery_errors if p in _wild_providers(state.config))
+        hint = f" (model discovery failed for provider(s) {', '.join(failed)}; POST /admin/reload tries again)" if failed else ""
+        return RouteError(404, f"no channel serves {what}{hint}", "model_not_found", "invalid_request_error")
 
     async def _cold_lookup(self, state: State, q: Query, strategy: str) -> dict[str, list[Entry]]:
         """The index is still being built. An exact model is found by one scan of the snapshot's models
@@ -379,8 +484,11 @@ class Router:
         }
 
     def _why_not(self, state: State, q: Query, channel: str) -> str:
-        if not next(c for c in state.config.channels if c.name == channel).enabled:
+        ch = next(c for c in state.config.channels if c.name == channel)
+        if not ch.enabled:
             return "disabled"
+        if channel in state.waiting_channels():
+            return f"model discovery for provider {ch.provider!r} is still pending"
         if q.model is not None:
             return f"does not serve model {q.model!r}"
         with_include = [e for e in state.index.tagged(q.include) if e.channel == channel]
@@ -405,12 +513,14 @@ class Router:
                 "index_complete": s.index.complete.is_set(), "index_seconds": self.index_seconds,
                 "max_loop_lag_ms": round(self.max_loop_lag_ms, 3) if s.config.loop_lag_probe else None,
                 "max_loop_cpu_ms": round(self.max_loop_cpu_ms, 3) if s.config.loop_lag_probe else None,
-                "uptime_s": round(time.monotonic() - self.started_at, 3)}
+                "uptime_s": round(time.monotonic() - self.started_at, 3),
+                "discovery": {"pending": sorted(s.pending), "errors": s.discovery_errors,
+                              "retry_in_s": None if s.retry_at is None else round(max(0.0, s.retry_at - time.monotonic()), 3)}}
 
 
 def _strategy(state: State, strategy: str | None) -> str:
-    """The request's strategy, else the config's; QueryError for an unknown one."""
+    """The request's strategy, else the config's; StrategyError for an unknown one."""
     strategy = strategy or state.config.strategy
     if strategy not in STRATEGIES:
-        raise QueryError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+        raise StrategyError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
     return strategy

@@ -22,6 +22,7 @@ from avatarchat.router.config import RetryConfig
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 CLIENT_STATUS = frozenset({400, 413, 422})  # the request itself is wrong: another channel won't help
+_PROBE_DETAIL_BYTES = 4096  # of a failed health probe's body, for its error message
 
 
 class UpstreamError(Exception):
@@ -90,7 +91,8 @@ def _detail(body: bytes) -> str:
     return body[:300].decode("utf-8", "replace").strip() or "(empty body)"
 
 
-def _wrap(e: httpx.HTTPError) -> UpstreamError:
+def upstream_error(e: httpx.HTTPError) -> UpstreamError:
+    """A transport error as the UpstreamError that names it (connect, timeout or dropped)."""
     if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
         return UpstreamError(f"connect failed: {type(e).__name__}: {e}".rstrip(": "), kind="connect")
     if isinstance(e, httpx.TimeoutException):
@@ -121,7 +123,7 @@ class HttpUpstream:
         try:
             resp = await self.client.post(target.url, content=self._body(target, body), headers=target.headers)
         except httpx.HTTPError as e:
-            raise _wrap(e) from None
+            raise upstream_error(e) from None
         if resp.status_code != 200:
             raise UpstreamError(f"HTTP {resp.status_code}: {_detail(resp.content)}", status=resp.status_code,
                                 retry_after=retry_after(resp.headers.get("retry-after")), body=resp.content)
@@ -143,7 +145,7 @@ class HttpUpstream:
         try:
             resp = await self.client.send(req, stream=True)
         except httpx.HTTPError as e:
-            raise _wrap(e) from None
+            raise upstream_error(e) from None
         try:
             if resp.status_code != 200:
                 data = await resp.aread()
@@ -152,17 +154,29 @@ class HttpUpstream:
             async for batch in sse.batches(resp.aiter_raw()):
                 yield batch
         except httpx.HTTPError as e:
-            raise _wrap(e) from None
+            raise upstream_error(e) from None
         finally:
             await resp.aclose()
 
     async def probe(self, base_url: str, headers: dict[str, str], timeout: float) -> tuple[int, str]:
-        """GET …/models: (status, detail); status 0 when unreachable."""
+        """GET …/models: (status, detail); status 0 when unreachable. Only the head is read on a 200 (the
+        list can be MBs, every interval, per channel): closing it unread drops that one connection."""
+        req = self.client.build_request("GET", base_url.rstrip("/") + "/models", headers=headers, timeout=timeout)
         try:
-            resp = await self.client.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout)
+            resp = await self.client.send(req, stream=True)
+            try:
+                if resp.status_code == 200:
+                    return 200, ""
+                head = b""
+                async for chunk in resp.aiter_raw():
+                    head += chunk
+                    if len(head) >= _PROBE_DETAIL_BYTES:
+                        break
+            finally:
+                await resp.aclose()
         except httpx.HTTPError as e:
-            return 0, _wrap(e).message
-        return resp.status_code, "" if resp.status_code == 200 else _detail(resp.content)
+            return 0, upstream_error(e).message
+        return resp.status_code, _detail(head[:_PROBE_DETAIL_BYTES])
 
 
 def _text(content: object) -> str:
