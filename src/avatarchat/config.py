@@ -23,10 +23,28 @@ CONFIG_ENV = "AVATARCHAT_CONFIG"
 _yaml_path: ContextVar[Path | None] = ContextVar("_yaml_path", default=None)
 
 
+EndpointMode = Literal["open", "token", "off"]
+
+
+class EndpointsConfig(BaseModel):
+    metrics: EndpointMode = Field("open", description="GET /metrics (Prometheus): open, token (server.api_token) or off.")
+    monitor: EndpointMode = Field("open", description="GET /api/monitor (the dashboard's data): open, token or off.")
+    docs: EndpointMode = Field("open", description="/docs, /redoc and /openapi.json: open, token or off.")
+
+
 class ServerConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 for all.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     max_message_bytes: int = Field(64 * 1024, ge=256, description="Largest WebSocket text frame accepted.")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="Web origins (https://app.example.com) whose pages may open /ws. Empty: the "
+        "same origin and loopback pages only; [\"*\"]: any. Clients that send no Origin (not browsers) are let in.",
+    )
+    api_token: SecretStr = Field(
+        SecretStr(""), description="If set, the write APIs (avatar add/delete/start, /api/llm/*, WebRTC signalling) "
+        "need Authorization: Bearer <api_token>.",
+    )
+    endpoints: EndpointsConfig = Field(default_factory=EndpointsConfig, description="The read-only endpoints' access.")
     max_body_bytes: int = Field(
         2 * 2**20, ge=1024, description="Largest HTTP request body, except uploads (avatar.max_upload_bytes). "
         "Refused by Content-Length before it is read, and a streamed body is cut off at the limit (413).",

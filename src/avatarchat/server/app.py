@@ -27,6 +27,7 @@ from avatarchat.pipeline.capacity import calibrate_capacity
 from avatarchat.server.idle import IdleClips
 from avatarchat.server.llm_api import router as llm_router
 from avatarchat.server.monitor import router as monitor_router
+from avatarchat.server.access import AccessMiddleware
 from avatarchat.server.body_limit import BodyLimitMiddleware, upload_limits
 from avatarchat.services.render_wire import max_body
 from avatarchat.server.relay import RelayMiddleware
@@ -119,6 +120,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
     app.add_middleware(BodyLimitMiddleware,  # render batches have their own, checked limit (render_api.py)
                        default=max(settings.server.max_body_bytes, max_body(render.max_batch_frames, render.max_batch_samples)),
                        per_path=upload_limits(settings.avatar.max_upload_bytes))
+    app.add_middleware(AccessMiddleware, config=settings.server)  # outermost: refused before any work
     app.add_exception_handler(AvatarServiceError, service_error)
     app.add_exception_handler(WebRTCError, service_error)
     if settings.llm.engine == "router" and settings.llm.router.mount_api:

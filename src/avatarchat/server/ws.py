@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -23,6 +24,7 @@ from avatarchat.engines.registry import Engines
 from avatarchat.engines.video.fmp4 import mime_for
 from avatarchat.pipeline.avatar_media import MediaError
 from avatarchat.pipeline.session import Session, SessionLimitError, SessionManager
+from avatarchat.server.access import origin_allowed
 
 PROTOCOL = 1
 MEDIA_FMP4 = 1  # server → client: a piece of a turn's fMP4 stream
@@ -324,8 +326,15 @@ def parse_audio(data: bytes, session: Session, max_bytes: int) -> bytes:
 
 @router.websocket("/ws")
 async def session_socket(ws: WebSocket) -> None:
-    await ws.accept()
     app = ws.app
+    allowed = app.state.settings.server.allowed_origins
+    origin = ws.headers.get("origin")
+    if not origin_allowed(origin, ws.headers.get("host"), allowed):
+        # Before the handshake: a page on another site cannot talk to the avatar (cross-site WebSocket).
+        await ws.send_denial_response(JSONResponse(
+            {"detail": f"origin {(origin or '')[:100]!r} may not open a session (server.allowed_origins)"}, status_code=403))
+        return
+    await ws.accept()
     engines: Engines = app.state.engines
     manager: SessionManager = app.state.sessions
     settings = engines.settings

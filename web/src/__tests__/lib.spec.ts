@@ -31,6 +31,8 @@ describe("protocol frames", () => {
   it("gives every error the person can act on a retry path", () => {
     expect(describeError("session_limit", "full").action).toBe("reconnect");
     expect(describeError("unreachable", "x").action).toBe("reconnect");
+    expect(describeError("slow_client", "x").action).toBe("reconnect");
+    expect(describeError("internal_error", "x").action).toBe("resend");
     expect(describeError("mic_denied", "x").action).toBe("mic");
     expect(describeError("llm_failed", "x").action).toBe("resend");
     expect(describeError("tts_failed", "x").action).toBe("resend");

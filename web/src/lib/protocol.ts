@@ -100,6 +100,10 @@ export function describeError(code: string, message: string): UiError {
       return { code, title: "Speech recognition failed", message: `${message}. Please say it again.`, action: "none" };
     case "idle_timeout":
       return { code, title: "Session closed after being idle", message, action: "reconnect" };
+    case "slow_client":
+      return { code, title: "The connection is too slow for the video", message, action: "reconnect" };
+    case "internal_error":
+      return { code, title: "Something went wrong on the server", message, action: "resend" };
     default:
       return { code, title: "Error", message, action: "none" };
   }
