@@ -90,6 +90,34 @@ def test_a_degraded_batch_renders_every_other_face_at_the_same_frame_rate() -> N
     stream.abort()
 
 
+async def test_a_stream_nearly_dry_on_busy_cores_renders_half_the_faces() -> None:
+    """When many turns start at once every core is busy and the new streams' frames are already due: those
+    batches show each face for two frames (a stall averted), and once the cores are free, all faces again."""
+    from avatarchat import metrics
+    from avatarchat.pipeline.avatar_media import LocalAvatarMedia
+
+    cpu = CpuScheduler(1)
+    try:
+        media = LocalAvatarMedia(AvatarLibrary(None, 25), cpu, load_settings())
+        stream = await media.open("default", 22050)
+        mouth = np.zeros((10, 3), np.float32)
+        due = metrics.HALF_RATE_BATCHES.labels("due")
+        before = due._value.get()
+        busy = cpu.submit(time.sleep, 0.5)  # the only slot is taken...
+        queued = cpu.submit(time.sleep, 0.0)  # ...and more work waits
+        await stream.batch(mouth, 0, None, deadline=time.perf_counter() - 0.1)
+        assert due._value.get() == before + 1
+        await stream.batch(mouth, 10, None, deadline=time.perf_counter() + 5)  # not due yet: full rate
+        assert due._value.get() == before + 1
+        busy.result(), queued.result()
+        await stream.batch(mouth, 20, None, deadline=time.perf_counter() - 0.1)  # due, but the cores are free
+        assert due._value.get() == before + 1
+        assert stream.frames == 30
+        await stream.close()
+    finally:
+        cpu.close()
+
+
 @pytest.fixture(scope="module")
 def one_session_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
     """A server whose measured capacity is one live conversation (a tiny utilization target)."""

@@ -72,5 +72,9 @@ COST_PER_SPEECH_SECOND = Gauge(
 )
 DEGRADE_LEVEL = Gauge("avatarchat_degrade_level", "0: full quality; 1: overloaded, each face rendered for two frames.",
                       registry=REGISTRY)
+HALF_RATE_BATCHES = Counter("avatarchat_half_rate_batches_total",
+                            "Render batches whose faces were each shown for two frames, by why: overload (the "
+                            "degrade level) or due (this stream is nearly dry while the CPU is busy).",
+                            ["reason"], registry=REGISTRY)
 CPU_RESCUED = Counter("avatarchat_cpu_rescued_total",
                       "Late render units run in the extra lane while every core's slot was busy.", registry=REGISTRY)

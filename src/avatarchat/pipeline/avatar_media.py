@@ -138,7 +138,16 @@ class LocalStream:
                     deadline: float | None = None) -> bytes:
         if self.closed:
             raise MediaError("render_failed", "the stream is closed")
-        hold = 2 if self._capacity is not None and self._capacity.check() else 1  # overloaded: fewer faces
+        # Fewer faces before a stall: when the process is overloaded, or when this stream's frames are already
+        # due (its player is within the safety margin of running dry) while the cores are busy, as when
+        # many turns start at once.
+        hold = 1
+        if self._capacity is not None and self._capacity.check():
+            hold = 2
+            metrics.HALF_RATE_BATCHES.labels("overload").inc()
+        elif deadline is not None and deadline <= time.perf_counter() and self._cpu.contended():
+            hold = 2
+            metrics.HALF_RATE_BATCHES.labels("due").inc()
         return await self._work(deadline, _render_counted, self._stream, self._renderer, mouth, first_frame, audio,
                                 hold)
 
