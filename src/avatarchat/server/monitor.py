@@ -52,6 +52,8 @@ async def monitor(request: Request, turns: int = Query(50, ge=1, le=200)) -> dic
         "fps": round(fps[0][1], 1) if fps else 0.0,
         "target_fps": request.app.state.settings.avatar.fps,
         "frames_total": int(sum(v for _, v in _samples(metrics.FRAMES, "_total"))),
+        # Render batches shown at half the face rate instead of stalling: overload, or a stream nearly dry.
+        "half_rate_batches": {labels["reason"]: int(v) for labels, v in _samples(metrics.HALF_RATE_BATCHES, "_total")},
         "errors": errors,
         "errors_total": sum(errors.values()),
         "turns_total": turn_reasons,

@@ -114,6 +114,7 @@ export interface MonitorData {
   capacity_sessions?: number; // live conversations the CPU holds (measured); beyond it, server_busy
   cost_per_speech_s?: number | null;
   degrade_level?: number; // 1: overloaded, each face rendered for two frames
+  half_rate_batches?: Record<string, number>; // batches shown at half the face rate, by reason (overload, due)
   cpu_percent: number;
   cpu_count: number;
   rss_mb: number;
