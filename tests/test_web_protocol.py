@@ -93,6 +93,7 @@ async def test_monitor_reports_turns_sessions_process_and_errors(live_app: LiveA
     assert m["rss_mb"] > 50 and m["cpu_percent"] >= 0 and m["cpu_count"] >= 1
     assert m["errors"]["invalid_field"] >= 1 and m["errors_total"] >= m["errors"]["invalid_field"]
     assert m["frames_total"] > 0 and m["fps"] > 0 and m["target_fps"] == live_app.settings.avatar.fps
+    assert isinstance(m["half_rate_batches"], dict)
     last = m["turns"][-1]
     assert last["turn_id"] == done["turn_id"] and last["reason"] == "complete"
     assert last["first_video"] == done["timings"]["first_video"] and last["asr_ms"] is None
