@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # `make run`: start the app; in queue mode (services.llm.mode: queue) first make sure Redis answers
-# (starting Debian's redis-server on the configured loopback port if not) and start a Celery worker.
-# Both are stopped when the app exits. Arguments go to `avatarchat serve`.
+# (starting Debian's redis-server on the configured loopback port if not) and start a Celery worker,
+# started again whenever it exits (python -m avatarchat.supervise). Both are stopped when the app exits
+# or on Ctrl-C. Arguments go to `avatarchat serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-read -r mode redis_url concurrency < <("$VENV/bin/python" -c '
+# shown_url: the URL as printed, its password as *** (avatarchat/redact.py).
+read -r mode redis_url shown_url concurrency < <("$VENV/bin/python" -c '
 from avatarchat.config import load_settings
+from avatarchat.redact import redact_url
 s = load_settings().services.llm
-print(s.mode, s.redis_url, s.worker_concurrency)')
+print(s.mode, s.redis_url, redact_url(s.redis_url), s.worker_concurrency)')
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -20,7 +23,7 @@ if [ "$mode" = "queue" ]; then
   if ! redis-cli -h "$host" -p "$port" ping >/dev/null 2>&1; then
     case "$host" in
       127.0.0.1|localhost) ;;
-      *) echo "Redis at $redis_url does not answer, and it is not local: start it there" >&2; exit 1 ;;
+      *) echo "Redis at $shown_url does not answer, and it is not local: start it there" >&2; exit 1 ;;
     esac
     mkdir -p data/redis
     redis-server --bind 127.0.0.1 --port "$port" --dir data/redis --save "" --appendonly no >data/redis/redis.log 2>&1 &
@@ -28,10 +31,11 @@ if [ "$mode" = "queue" ]; then
     for _ in $(seq 50); do redis-cli -h "$host" -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
     echo "==> started redis-server on $host:$port" >&2
   fi
-  "$VENV/bin/celery" -A avatarchat.services.llm_tasks worker -P threads -c "$concurrency" \
+  "$VENV/bin/python" -m avatarchat.supervise -- \
+    "$VENV/bin/celery" -A avatarchat.services.llm_tasks worker -P threads -c "$concurrency" \
     --without-gossip --without-mingle --without-heartbeat -l info &
   pids+=($!)
-  echo "==> started a Celery worker ($concurrency threads)" >&2
+  echo "==> started a Celery worker ($concurrency threads), restarted whenever it exits" >&2
 fi
 
 # Each engine is run for real in a child process first (issue 12): a runtime that crashes on this CPU

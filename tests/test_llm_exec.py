@@ -36,6 +36,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def celery_worker(redis_server: RedisServer, openai_server: OpenAITestServer) -> Iterator[CeleryWorker]:
     worker = CeleryWorker(redis_server.url, openai_server.base_url).start()
+    worker.wait_beating()
     # Ready when a real task has made the round trip.
     ex = LLMExecutor(OpenAIConfig(base_url=openai_server.base_url),
                      LLMExecConfig(mode="queue", redis_url=redis_server.url, timeout_s=60))
@@ -136,13 +137,15 @@ async def test_redis_going_down_and_coming_back(tmp_path: Path, upstream: OpenAI
     worker = CeleryWorker(redis.url, openai_server.base_url, concurrency=4).start()
     ex = executor(upstream, redis.url, mode="queue")
     try:
+        await asyncio.to_thread(worker.wait_beating)
         assert await ex.chat_async(MESSAGES) == Behaviour().reply and ex.calls["queue"] == 1
         redis.stop()
         assert await ex.chat_async(MESSAGES) == Behaviour().reply  # answered, in asyncio mode
         assert ex.calls["asyncio"] == 1 and ex.status()["effective_mode"] == "asyncio"
         redis.start()
         await asyncio.sleep(0.6)  # redis_retry_s
-        for _ in range(50):  # the worker reconnects on its own schedule; the calls go on meanwhile
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the worker reconnects on its own schedule; the calls go on meanwhile
             await ex.chat_async(MESSAGES)
             if ex.calls["queue"] >= 2:
                 break

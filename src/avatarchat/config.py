@@ -280,9 +280,25 @@ class LLMExecConfig(BaseModel):
     max_workers: int = Field(8, ge=1, description="Thread pool size in threads mode (seed 001's LLM_MAX_WORKERS).")
     max_connections: int = Field(100, ge=1, description="Pooled connections to the LLM server (asyncio mode).")
     timeout_s: float = Field(60.0, gt=0, description="Longest a chat call may take, in every mode.")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and result backend (queue mode).")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker and result backend (queue mode); a password in it "
+        "(redis://:PASSWORD@host:port/0) is shown as *** wherever the URL is shown.",
+    )
     worker_concurrency: int = Field(64, ge=1, description="Threads of the Celery worker that `make run` starts.")
-    redis_retry_s: float = Field(2.0, gt=0, description="After Redis failed, try it again after this long.")
+    redis_retry_s: float = Field(
+        2.0, gt=0, description="After Redis or the Celery worker failed, queue mode is tried again after this long "
+        "(also the Retry-After of a 503 with fallback none).",
+    )
+    fallback: Literal["asyncio", "none"] = Field(
+        "asyncio", description="While queue mode cannot run a call (Redis unreachable, or no live Celery worker): "
+        "asyncio runs it in this process instead (logged; /api/llm/chat's answer has a `fallback` field and an "
+        "X-LLM-Fallback header); none fails it at once with 503 and Retry-After.",
+    )
+    worker_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Each Celery worker beats (a Redis key) every fifth of this while it consumes; "
+        "after this long without a beat no worker counts as alive: /ready is 503 in queue mode, new calls take "
+        "the fallback, and a call in flight is given up and takes it too.",
+    )
 
 
 class RenderServiceConfig(BaseModel):

@@ -107,14 +107,17 @@ def checks(settings: Settings) -> list[Check]:
 def _openai_check(settings: Settings) -> Check:
     import httpx
 
+    from avatarchat.redact import redact_url
+
     cfg = settings.llm.openai
     url = cfg.base_url.rstrip("/") + "/models"
     headers = {"Authorization": f"Bearer {cfg.resolved_key()}"} if cfg.resolved_key() else {}
+    shown = redact_url(cfg.base_url)
     try:
         r = httpx.get(url, headers=headers, timeout=cfg.connect_timeout_s)
     except httpx.HTTPError as e:
-        return Check(f"LLM server {cfg.base_url}", False, f"unreachable: {e}", "start it, or fix llm.openai.base_url")
-    return Check(f"LLM server {cfg.base_url}", r.status_code == 200, f"GET /models → {r.status_code}",
+        return Check(f"LLM server {shown}", False, redact_url(f"unreachable: {e}"), "start it, or fix llm.openai.base_url")
+    return Check(f"LLM server {shown}", r.status_code == 200, f"GET /models → {r.status_code}",
                  "check llm.openai.api_key / api_key_env")
 
 

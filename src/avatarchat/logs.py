@@ -7,6 +7,8 @@ import logging
 import time
 from typing import Any
 
+from avatarchat.redact import redact_url
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -24,12 +26,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+class RedactingFormatter(logging.Formatter):
+    """Any credential in a URL, in any library's log line, is written as ``***`` (avatarchat/redact.py)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_url(self.inner.format(record))
+
+
 def setup_logging(level: str = "info", json_format: bool = True) -> None:
     handler = logging.StreamHandler()
     if json_format:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(RedactingFormatter(JsonFormatter()))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(RedactingFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")))
         logging.Formatter.converter = time.gmtime
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from avatarchat.redact import redact_url
+
 Strategy = Literal["cost_first", "balanced", "speed", "quality", "local_first"]
 STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
 
@@ -46,7 +48,7 @@ class ProviderConfig:
         if self.type == "openai" and not self.base_url:
             raise ValueError("an openai provider needs base_url")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+            raise ValueError(f"base_url must start with http:// or https://, got {redact_url(self.base_url)!r}")
 
     def api_key(self) -> str:
         return os.environ.get(self.api_key_env, "") if self.api_key_env else ""

@@ -158,7 +158,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
     @app.get("/ready")
     async def ready() -> JSONResponse:
         eng: Engines = app.state.engines
-        body = {
+        body: dict[str, object] = {
             "ready": eng.ready.is_set(),
             "llm": eng.settings.llm.engine,
             "tts": eng.settings.tts.engine,
@@ -168,8 +168,14 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
         if eng.load_error:
             body["error"] = eng.load_error
         body["role"] = role
-        body["dependencies"] = await _dependencies(app)
-        return JSONResponse(body, status_code=200 if eng.ready.is_set() else 503)
+        body["dependencies"] = deps = await _dependencies(app)
+        # Queue mode needs Redis and a live Celery worker (each says so with "required").
+        missing = [f"{name}: {d.get('error', 'not ok')}" for name, d in deps.items()
+                   if isinstance(d, dict) and d.get("required") and not d.get("ok")]
+        if missing:
+            body["ready"] = False
+            body["not_ready"] = missing
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -216,7 +222,7 @@ async def _dependencies(app: FastAPI) -> dict[str, object]:
                               "exec": {**app.state.llm_exec.status(), "channel": remote["llm_channel"]}}
     if (channels := router_channels(getattr(eng, "llm", None))) is not None:
         llm["channels"] = channels
-    return {"avatar_service": avatar, "llm": llm, "redis": remote["redis"]}
+    return {"avatar_service": avatar, "llm": llm, "redis": remote["redis"], "queue_worker": remote["queue_worker"]}
 
 
 def router_channels(llm: object) -> list[dict[str, object]] | None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from avatarchat.config import ConfigError, load_settings
 from avatarchat.engines.llm.base import LLMError
-from avatarchat.services.llm_exec import LLMExecutor
+from avatarchat.services.llm_exec import LLMExecutor, LLMUnavailable
 
 router = APIRouter()
 _MAX_CHARS = 32_000
@@ -39,15 +40,25 @@ def _llm(request: Request) -> LLMExecutor:
     return request.app.state.llm_exec  # type: ignore[no-any-return]
 
 
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 @router.post("/api/llm/chat")
-async def chat(request: Request, body: ChatBody) -> dict[str, Any]:
+async def chat(request: Request, body: ChatBody, response: Response) -> dict[str, Any]:
     llm = _llm(request)
     mode = llm.mode
     try:
-        reply = await llm.chat_async(body.plain(), max_tokens=body.max_tokens, temperature=body.temperature)
+        reply = await llm.reply(body.plain(), max_tokens=body.max_tokens, temperature=body.temperature)
+    except LLMUnavailable as e:
+        raise HTTPException(503, str(e), headers=_retry_after(e.retry_after_s)) from e
     except LLMError as e:
         raise HTTPException(502, str(e)) from e
-    return {"reply": reply, "mode": mode}
+    out: dict[str, Any] = {"reply": reply.text, "mode": mode}
+    if reply.fallback is not None:
+        out["fallback"] = {"mode": reply.mode, "reason": reply.fallback}
+        response.headers["X-LLM-Fallback"] = reply.mode
+    return out
 
 
 @router.post("/api/llm/tasks", status_code=202)
@@ -57,7 +68,8 @@ async def submit(request: Request, body: ChatBody) -> dict[str, Any]:
     try:
         task_id = await _llm(request).submit(body.plain(), max_tokens=body.max_tokens, temperature=body.temperature)
     except QueueUnavailable as e:
-        raise HTTPException(503, f"task queue unavailable: {e}") from e
+        retry = _retry_after(request.app.state.settings.services.llm.redis_retry_s)
+        raise HTTPException(503, f"task queue unavailable: {e}", headers=retry) from e
     return {"id": task_id, "status": "PENDING", "status_url": f"/api/llm/tasks/{task_id}"}
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from avatarchat.config import AvatarClientConfig
 from avatarchat.engines.avatar.library import AvatarLibrary, UnknownAvatarError
 from avatarchat.net.http_transport import HttpTransport
+from avatarchat.redact import redact_url
 from avatarchat.services.avatar_store import AvatarStore, AvatarStoreError, check_name
 from avatarchat.services.webrtc import PeerManager, WebRTCError
 
@@ -41,7 +42,7 @@ def unreachable(e: httpx.HTTPError) -> str:
     """What a transport failure on the way to the avatar service says."""
     if isinstance(e, httpx.TimeoutException):
         return f"avatar service timed out ({type(e).__name__})"
-    return f"avatar service unreachable: {type(e).__name__}: {e}"
+    return redact_url(f"avatar service unreachable: {type(e).__name__}: {e}")
 
 
 def error_detail(r: httpx.Response) -> str:
@@ -298,8 +299,8 @@ class HttpAvatarService:
             ok = r.status_code == 200
             error = None if ok else f"HTTP {r.status_code}" + (" (services.token refused)" if r.status_code == 401 else "")
         except httpx.HTTPError as e:
-            ok, error = False, f"{type(e).__name__}: {e}"
-        out: dict[str, Any] = {"where": self.url, "ok": ok, "ms": round(1000 * (time.perf_counter() - start), 1)}
+            ok, error = False, redact_url(f"{type(e).__name__}: {e}")
+        out: dict[str, Any] = {"where": redact_url(self.url), "ok": ok, "ms": round(1000 * (time.perf_counter() - start), 1)}
         if error:
             out["error"] = error
         return out

@@ -5,9 +5,10 @@
 - ``queue``: a Celery task on a worker, Redis as broker and result backend (services/llm_queue.py).
 
 ``LLMExecutor.chat_async`` and ``LLMExecutor.chat`` have the same signature. Each call reads the mode
-once, when it starts, so switching modes never drops a call in flight. If Redis is unreachable in
-``queue`` mode, calls run in ``asyncio`` mode instead; the fall-back is logged and shown by ``status()``
-(and so by /health and /ready) until Redis answers again.
+once, when it starts, so switching modes never drops a call in flight. If Redis is unreachable or no
+Celery worker is alive in ``queue`` mode, calls run in ``asyncio`` mode instead (``fallback: asyncio``,
+logged, and shown by ``status()``, so by /health and /ready, until queue mode works again) or fail at
+once with ``LLMUnavailable`` (``fallback: none``).
 
 The sync facade never makes an event loop per call: it hands the coroutine to the executor's home loop,
 the server's loop (``attach``) or, in a plain sync program (Flask, Gunicorn sync workers), one
@@ -24,17 +25,34 @@ import time
 from collections import Counter
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import httpx
 
 from avatarchat.config import LLMExecConfig, OpenAIConfig
 from avatarchat.engines.llm.base import LLMError
+from avatarchat.redact import redact_url
 
 log = logging.getLogger(__name__)
 Mode = Literal["asyncio", "threads", "queue"]
 MODES: tuple[Mode, ...] = ("asyncio", "threads", "queue")
 T = TypeVar("T")
+
+
+class LLMUnavailable(LLMError):
+    """Queue mode cannot run the call and ``fallback`` is none: try again after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    mode: Mode  # the mode the call ran in
+    fallback: str | None = None  # why it did not run in the mode asked for
 
 
 def _request(cfg: OpenAIConfig, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> dict[str, Any]:
@@ -81,7 +99,7 @@ class SyncChannel:
         try:
             r = self._client.post("chat/completions", json=_request(self._cfg, messages, max_tokens, temperature))
         except httpx.HTTPError as e:
-            raise LLMError(f"LLM server unreachable or failed: {type(e).__name__}: {e}") from e
+            raise LLMError(redact_url(f"LLM server unreachable or failed: {type(e).__name__}: {e}")) from e
         return _reply(r)
 
     def close(self) -> None:
@@ -101,7 +119,7 @@ class AsyncChannel:
         try:
             r = await self._client.post("chat/completions", json=_request(self._cfg, messages, max_tokens, temperature))
         except httpx.HTTPError as e:
-            raise LLMError(f"LLM server unreachable or failed: {type(e).__name__}: {e}") from e
+            raise LLMError(redact_url(f"LLM server unreachable or failed: {type(e).__name__}: {e}")) from e
         return _reply(r)
 
     async def health(self) -> dict[str, Any]:
@@ -112,7 +130,7 @@ class AsyncChannel:
             if r.status_code != 200:
                 out["error"] = f"HTTP {r.status_code}"
         except httpx.HTTPError as e:
-            out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            out = {"ok": False, "error": redact_url(f"{type(e).__name__}: {e}")}
         out["ms"] = round(1000 * (time.perf_counter() - start), 1)
         return out
 
@@ -130,8 +148,8 @@ class LLMExecutor:
         self._mode: Mode = config.mode
         self.max_tokens = max_tokens
         self.temperature = temperature
-        self.fallback: str | None = None  # why calls in queue mode run in asyncio mode, while they do
-        self._redis_down_at = 0.0
+        self.fallback: str | None = None  # why queue mode cannot run calls, while it cannot
+        self._queue_down_at = 0.0
         self.calls: Counter[str] = Counter()
         self.in_flight: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -205,6 +223,11 @@ class LLMExecutor:
     async def chat_async(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
                          temperature: float | None = None) -> str:
         """The assistant's reply to ``messages`` (LLMError with the reason if there is none)."""
+        return (await self.reply(messages, max_tokens=max_tokens, temperature=temperature)).text
+
+    async def reply(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
+                    temperature: float | None = None) -> Reply:
+        """``chat_async``, also saying which mode the call ran in and why, if not the one asked for."""
         return await self._on_home(self._chat(messages, max_tokens, temperature))
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
@@ -218,30 +241,39 @@ class LLMExecutor:
         else:
             raise RuntimeError("chat() blocks: on an event loop, await chat_async() instead")
         fut = asyncio.run_coroutine_threadsafe(self._chat(messages, max_tokens, temperature), home)
-        return fut.result()
+        return fut.result().text
 
-    async def _chat(self, messages: list[dict[str, str]], max_tokens: int | None, temperature: float | None) -> str:
+    async def _chat(self, messages: list[dict[str, str]], max_tokens: int | None, temperature: float | None) -> Reply:
         mt = self.max_tokens if max_tokens is None else max_tokens
         temp = self.temperature if temperature is None else temperature
         mode = self._mode  # read once: a switch affects the calls that start after it
         if mode == "queue":
             from avatarchat.services.llm_queue import QueueUnavailable
 
-            if time.monotonic() - self._redis_down_at >= self._config.redis_retry_s:
+            # After a failure queue mode rests for redis_retry_s: calls meanwhile ask neither Redis nor a worker.
+            if time.monotonic() - self._queue_down_at >= self._config.redis_retry_s:
                 try:
-                    return await self._counted("queue", self._queue_client().chat(messages, mt, temp, self._config.timeout_s))
+                    client = self._queue_client()
+                    await client.require_worker()  # no call is published to wait for a worker that is gone
+                    text = await self._counted("queue", client.chat(messages, mt, temp, self._config.timeout_s))
+                    return Reply(text, "queue")
                 except QueueUnavailable as e:
-                    self._redis_down_at = time.monotonic()
+                    self._queue_down_at = time.monotonic()
                     if self.fallback is None:
-                        log.warning("Redis unreachable: queue-mode calls fall back to asyncio",
+                        log.warning("queue mode unavailable: calls %s", "fall back to asyncio"
+                                    if self._config.fallback == "asyncio" else "fail (fallback none)",
                                     extra={"error": str(e)})
                     self.fallback = str(e)
-            mode = "asyncio"
+            reason = self.fallback or "queue mode unavailable"
+            if self._config.fallback == "none":
+                raise LLMUnavailable(f"queue mode unavailable: {reason}", self._config.redis_retry_s)
+            return Reply(await self._counted("asyncio", self._async_channel().chat(messages, mt, temp)), "asyncio",
+                         reason)
         if mode == "threads":
             loop = asyncio.get_running_loop()
-            return await self._counted("threads", loop.run_in_executor(self._thread_pool(), self._sync_channel().chat,
-                                                                        messages, mt, temp))
-        return await self._counted("asyncio", self._async_channel().chat(messages, mt, temp))
+            call = loop.run_in_executor(self._thread_pool(), self._sync_channel().chat, messages, mt, temp)
+            return Reply(await self._counted("threads", call), "threads")
+        return Reply(await self._counted("asyncio", self._async_channel().chat(messages, mt, temp)), "asyncio")
 
     async def _counted(self, mode: str, call: Any) -> str:
         self.in_flight[mode] += 1
@@ -251,7 +283,7 @@ class LLMExecutor:
             self.in_flight[mode] -= 1
         self.calls[mode] += 1
         if mode == "queue" and self.fallback is not None:
-            log.info("Redis reachable again: queue mode restored")
+            log.info("queue mode restored")
             self.fallback = None
         return result
 
@@ -278,13 +310,14 @@ class LLMExecutor:
     def _queue_client(self) -> Any:
         from avatarchat.services.llm_queue import QueueClient
 
-        if self._queue is None or self._queue.redis_url != self._config.redis_url:
-            self._queue = QueueClient(self._config.redis_url)
+        if (self._queue is None or self._queue.redis_url != self._config.redis_url
+                or self._queue.worker_timeout_s != self._config.worker_timeout_s):
+            self._queue = QueueClient(self._config.redis_url, self._config.worker_timeout_s)
         return self._queue
 
     async def submit(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
                      temperature: float | None = None) -> str:
-        """Queue a chat as a Celery task; its id (QueueUnavailable if Redis is down)."""
+        """Queue a chat as a Celery task; its id (QueueUnavailable if Redis is down or no worker is alive)."""
         mt = self.max_tokens if max_tokens is None else max_tokens
         temp = self.temperature if temperature is None else temperature
         return await self._on_home(self._queue_client().submit(messages, mt, temp))  # type: ignore[no-any-return]
@@ -295,34 +328,47 @@ class LLMExecutor:
     # -- health --------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        effective = "asyncio" if self._mode == "queue" and self.fallback else self._mode
+        """The mode and counters, from memory (for /health: it asks nothing of Redis or the worker)."""
+        falling_back = self._mode == "queue" and self.fallback
+        effective = ("asyncio" if self._config.fallback == "asyncio" else "none") if falling_back else self._mode
         out: dict[str, Any] = {"mode": self._mode, "effective_mode": effective, "max_workers": self._config.max_workers,
                                "in_flight": dict(+self.in_flight), "calls": dict(self.calls)}
-        if self.fallback:
-            out["fallback"] = f"asyncio (Redis unreachable: {self.fallback})"
+        if falling_back:
+            out["fallback"] = f"{self._config.fallback} ({self.fallback})"
         return out
 
     async def dependencies(self) -> dict[str, Any]:
-        """Reachability of the LLM channel and of Redis, for /ready."""
-        async def redis() -> dict[str, Any]:
-            from avatarchat.services.llm_queue import QueueUnavailable
+        """Reachability of the LLM channel, of Redis and of a live Celery worker, for /ready."""
+        from avatarchat.services.llm_queue import QueueUnavailable
 
+        required = self._mode == "queue"
+
+        async def redis() -> dict[str, Any]:
             start = time.perf_counter()
             try:
                 await self._queue_client().ping()
                 out: dict[str, Any] = {"ok": True}
             except QueueUnavailable as e:
                 out = {"ok": False, "error": str(e)}
-            out.update(url=self._config.redis_url, required=self._mode == "queue",
+            out.update(url=redact_url(self._config.redis_url), required=required,
                        ms=round(1000 * (time.perf_counter() - start), 1))
             return out
 
-        async def both() -> dict[str, Any]:
-            llm, r = await asyncio.gather(self._async_channel().health(), redis())
-            llm["url"] = self._openai.base_url
-            return {"llm_channel": llm, "redis": r}
+        async def worker() -> dict[str, Any]:
+            try:
+                seen = await self._queue_client().worker()
+                out: dict[str, Any] = {"ok": seen["alive"], **{k: v for k, v in seen.items() if k != "alive"}}
+            except QueueUnavailable as e:
+                out = {"ok": False, "error": str(e)}
+            out["required"] = required
+            return out
 
-        return await self._on_home(both())  # type: ignore[no-any-return]
+        async def all_of_them() -> dict[str, Any]:
+            llm, r, w = await asyncio.gather(self._async_channel().health(), redis(), worker())
+            llm["url"] = redact_url(self._openai.base_url)
+            return {"llm_channel": llm, "redis": r, "queue_worker": w}
+
+        return await self._on_home(all_of_them())  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
