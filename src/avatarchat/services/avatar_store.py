@@ -9,7 +9,6 @@ so a crash during an upload never leaves a half-made avatar.
 from __future__ import annotations
 
 import io
-import re
 import shutil
 import sqlite3
 import threading
@@ -22,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from avatarchat.engines.avatar.face import AvatarModel, NoFaceError, create_avatar
+from avatarchat.engines.avatar.library import NAME_RULE, valid_name
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 BUILTIN = "default"
 FORMATS = {"PNG", "JPEG", "WEBP"}
 
@@ -153,7 +152,5 @@ class AvatarStore:
 
 
 def check_name(name: str) -> None:
-    if not NAME.match(name):
-        raise AvatarStoreError(
-            400, "avatar names are 1-64 letters, digits, '-' or '_', starting with a letter or digit"
-        )
+    if not valid_name(name):
+        raise AvatarStoreError(400, NAME_RULE)

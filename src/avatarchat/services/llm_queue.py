@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 TASK = "avatarchat.llm_chat"
 QUEUE = "avatarchat-llm"
 _META = "celery-task-meta-"
-_TASK_ID = re.compile(r"^[0-9a-f-]{36}$")
+_TASK_ID = re.compile(r"[0-9a-f-]{36}")
 
 
 class QueueUnavailable(RuntimeError):
@@ -157,7 +157,7 @@ class QueueClient:
             self._waiters.pop(task_id, None)
 
     async def status(self, task_id: str) -> dict[str, Any]:
-        if not _TASK_ID.match(task_id):
+        if not _TASK_ID.fullmatch(task_id):
             raise ValueError("not a task id")
         try:
             raw = await asyncio.wait_for(self._redis.get(_META + task_id), 3)

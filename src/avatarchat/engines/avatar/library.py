@@ -11,7 +11,13 @@ import numpy as np
 from avatarchat.engines.avatar.face import AvatarModel, default_avatar_dir
 from avatarchat.engines.avatar.renderer import AvatarRenderer
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NAME_RULE = "avatar names are 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+
+
+def valid_name(name: str) -> bool:
+    """An avatar name: also a directory name. In full: ``re.match`` with ``$`` would let a final newline through."""
+    return _NAME.fullmatch(name) is not None
 
 
 class UnknownAvatarError(KeyError):
@@ -26,7 +32,7 @@ class AvatarLibrary:
         self._lock = threading.Lock()
 
     def _dir(self, name: str) -> Path:
-        if not _NAME.match(name):
+        if not valid_name(name):
             raise UnknownAvatarError(name)
         if self._extra is not None and (self._extra / name / "portrait.png").is_file():
             return self._extra / name
@@ -37,7 +43,7 @@ class AvatarLibrary:
     def names(self) -> list[str]:
         found = {"default"}
         if self._extra is not None and self._extra.is_dir():
-            found |= {p.parent.name for p in self._extra.glob("*/portrait.png") if _NAME.match(p.parent.name)}
+            found |= {p.parent.name for p in self._extra.glob("*/portrait.png") if valid_name(p.parent.name)}
         return sorted(found)
 
     def renderer(self, name: str) -> AvatarRenderer:

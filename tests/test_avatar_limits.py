@@ -1,0 +1,71 @@
+"""Issue 14's low items on avatars: names matched in full."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from skimage import data
+from websockets.asyncio.client import connect
+
+from avatarchat.engines.avatar.library import AvatarLibrary
+from avatarchat.services.avatar_store import AvatarStore, AvatarStoreError
+from tests.support.live_app import LiveApp
+from tests.test_avatar_api import png, upload
+from tests.test_server import open_client
+
+
+@pytest.fixture(scope="module")
+def astronaut_png() -> bytes:
+    return png(data.astronaut())
+
+
+def store_at(path: Path, **kwargs: int) -> AvatarStore:
+    return AvatarStore(path, max_upload_bytes=10 << 20, max_pixels=40_000_000, **kwargs)
+
+
+# -- 1. names -------------------------------------------------------------------------------------
+
+
+def test_a_name_with_a_trailing_newline_is_refused(live_app: LiveApp, astronaut_png: bytes, tmp_path: Path) -> None:
+    """`re.match` with `$` let "abc\\n" through (`$` also matches before a final newline)."""
+    store = store_at(tmp_path)
+    with pytest.raises(AvatarStoreError, match="avatar names") as e:
+        store.add("abc\n", astronaut_png)
+    assert e.value.status == 400 and [a.name for a in store.list()] == ["default"]
+    store.close()
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no directory "abc\n" either
+
+    r = upload(live_app, "abc\n", astronaut_png)
+    assert r.status_code == 400 and "avatar names" in r.json()["detail"], r.text
+    for name in ("default\n", "abc\n"):
+        r = httpx.get(live_app.http + "/api/avatar/preview", params={"name": name})
+        assert r.status_code == 400 and "avatar names" in r.json()["detail"], r.text
+    assert httpx.post(live_app.http + "/api/avatar/delete", json={"name": "default\n"}).status_code == 400
+    assert [a["name"] for a in httpx.get(live_app.http + "/api/avatar/list").json()["avatars"]] == ["default"]
+    # The other ids checked by pattern are matched in full too.
+    task = httpx.get(live_app.http + "/api/llm/tasks/" + "0" * 36 + "%0A")
+    assert task.status_code == 400 and "not a task id" in task.json()["detail"], task.text
+    library = AvatarLibrary(tmp_path, 25)
+    assert "default\n" not in library.names()
+    with pytest.raises(KeyError):
+        library.renderer("default\n")
+
+
+async def test_the_session_socket_checks_avatar_names_in_full(live_app: LiveApp) -> None:
+    c = await open_client(live_app)
+    try:
+        await c.send(type="session.update", avatar="default\n")
+        e = await c.event()
+        assert e["type"] == "error" and e["code"] == "invalid_field" and "avatar names" in e["message"], e
+        assert e["fatal"] is False
+        await c.send(type="ping", id=1)
+        assert await c.event() == {"type": "pong", "id": 1}
+    finally:
+        await c.ws.close()
+    async with connect(live_app.ws + "?avatar=default%0A") as ws:
+        e = json.loads(await ws.recv())
+        assert e["type"] == "error" and e["code"] == "invalid_field" and "avatar names" in e["message"], e
+        assert e["fatal"] is True
