@@ -1,8 +1,12 @@
-"""Issue 14's low items on avatars: names matched in full."""
+"""Issue 14's low items on avatars: names matched in full, an atomic delete."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -69,3 +73,56 @@ async def test_the_session_socket_checks_avatar_names_in_full(live_app: LiveApp)
         e = json.loads(await ws.recv())
         assert e["type"] == "error" and e["code"] == "invalid_field" and "avatar names" in e["message"], e
         assert e["fatal"] is True
+
+
+# -- 2. an atomic delete ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def unwritable(directory: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """No entry of ``directory`` can be created, renamed or removed any more. For real where possible: chmod for a
+    normal user; as root, whom chmod does not stop, the immutable attribute (chattr +i). Only where neither works,
+    ``os.rename`` out of that directory raises PermissionError (what a read-only directory does). Yields which."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        how, undo = "chmod 555", lambda: directory.chmod(0o755)
+    elif subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode == 0:
+        how, undo = "chattr +i", lambda: subprocess.run(["chattr", "-i", str(directory)], check=True)
+    else:
+        real_rename = os.rename
+
+        def rename(src: object, dst: object, *args: object, **kwargs: object) -> None:
+            if Path(str(src)).parent == directory:
+                raise PermissionError(13, "Permission denied", str(src))
+            real_rename(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "rename", rename)
+        how, undo = "os.rename patched", monkeypatch.undo
+    try:
+        if how != "os.rename patched":
+            with pytest.raises(PermissionError):
+                (directory / "probe").mkdir()
+        yield how
+    finally:
+        undo()
+
+
+def test_a_delete_that_cannot_remove_the_files_keeps_the_avatar_whole(tmp_path: Path, astronaut_png: bytes,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    store = store_at(tmp_path)
+    store.add("astro", astronaut_png)
+    with unwritable(tmp_path, monkeypatch) as how:
+        with pytest.raises(AvatarStoreError, match="could not delete") as e:
+            store.delete("astro")
+        assert e.value.status == 500, how
+        # Nothing happened: the row, the files and a fresh view of the store all still have it.
+        assert store.exists("astro") and [a.name for a in store.list()] == ["default", "astro"]
+        assert (tmp_path / "astro" / "portrait.png").is_file()
+        assert store.load("astro").image.shape == (512, 512, 3)
+    store.close()
+    store = store_at(tmp_path)  # reopening (reconcile) keeps it too
+    assert [a.name for a in store.list()] == ["default", "astro"]
+    store.delete("astro")  # writable again: it goes, all of it
+    assert [a.name for a in store.list()] == ["default"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
+    store.close()

@@ -3,7 +3,8 @@
 The files are the avatar (``portrait.png`` + ``landmarks.json``, written to a temporary directory and
 renamed into place by ``AvatarModel.save``); the SQLite row is written after the rename. On open,
 directories without a row (a crash between the two) and stray temporary directories are removed,
-so a crash during an upload never leaves a half-made avatar.
+so a crash during an upload never leaves a half-made avatar. A delete moves the files aside before
+the row goes (rows without files are removed on open too), and a delete that fails changes nothing.
 """
 
 from __future__ import annotations
@@ -141,10 +142,19 @@ class AvatarStore:
         with self._lock:
             if not self.exists(name):
                 raise AvatarStoreError(404, f"no avatar named {name!r}")
-            self._db.execute("DELETE FROM avatars WHERE name = ?", (name,))
-            # Rename first, so a crash mid-delete leaves a hidden directory that the next open removes.
+            # All or nothing: the files are moved aside before the row goes, so a directory that refuses the
+            # rename (read-only) leaves the avatar whole, and a row that cannot go gets its files back. A crash
+            # in between leaves a row without files and a hidden directory: the next open removes both.
             trash = self.dir / f".deleted-{name}-{time.monotonic_ns()}"
-            (self.dir / name).rename(trash)
+            try:
+                (self.dir / name).rename(trash)
+            except OSError as e:
+                raise AvatarStoreError(500, f"could not delete avatar {name!r}: {e.strerror or e}") from e
+            try:
+                self._db.execute("DELETE FROM avatars WHERE name = ?", (name,))
+            except sqlite3.Error as e:
+                trash.rename(self.dir / name)
+                raise AvatarStoreError(500, f"could not delete avatar {name!r}: {e}") from e
             shutil.rmtree(trash, ignore_errors=True)
 
     def load(self, name: str) -> AvatarModel:
