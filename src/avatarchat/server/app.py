@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,6 +33,7 @@ from avatarchat.services.render_wire import max_body
 from avatarchat.server.relay import RelayMiddleware
 from avatarchat.server.render_api import router as render_router
 from avatarchat.server.service_auth import ServiceTokenMiddleware
+from avatarchat.server.validation import validation_error
 from avatarchat.server.ws import router as ws_router
 from avatarchat.services.avatar_client import AvatarService, AvatarServiceError, HttpAvatarService, LocalAvatarService
 from avatarchat.services.avatar_store import AvatarStore
@@ -121,6 +123,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
                        per_path=upload_limits(settings.avatar.max_upload_bytes))
     app.add_exception_handler(AvatarServiceError, service_error)
     app.add_exception_handler(WebRTCError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
     if settings.llm.engine == "router" and settings.llm.router.mount_api:
         from avatarchat.router.app import router_routes
 
