@@ -27,6 +27,10 @@ class ServerConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 for all.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     max_message_bytes: int = Field(64 * 1024, ge=256, description="Largest WebSocket text frame accepted.")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=4096, description="Largest HTTP request head (request line and headers); a larger one is "
+        "answered 431 and its connection closed, before the rest is read.",
+    )
     max_body_bytes: int = Field(
         2 * 2**20, ge=1024, description="Largest HTTP request body, except uploads (avatar.max_upload_bytes). "
         "Refused by Content-Length before it is read, and a streamed body is cut off at the limit (413).",
