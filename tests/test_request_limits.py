@@ -1,4 +1,4 @@
-"""Issue 14's low items on what a client may send: non-finite numbers, request head size."""
+"""Issue 14's low items on what a client may send: non-finite numbers, request head size, WebSocket frame size."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import time
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
+from avatarchat.config import ConfigError, load_settings
 from tests.support.live_app import LiveApp
+from tests.test_server import open_client
 
 CHAT = '{"messages": [{"role": "user", "content": "hi"}], %s}'
 
@@ -67,3 +70,30 @@ def test_a_huge_request_header_is_refused_and_not_kept(live_app: LiveApp) -> Non
     r = httpx.post(live_app.http + "/api/llm/chat", content=CHAT % '"max_tokens": 0',
                    headers={"content-type": "application/json", "X-Fine": "c" * (limit // 2)})
     assert r.status_code == 422  # a body after a large head is read as usual
+
+
+async def test_a_frame_over_the_app_limit_is_an_error_event_and_an_absurd_one_closes(live_app: LiveApp) -> None:
+    server = live_app.settings.server
+    c = await open_client(live_app)
+    try:
+        for size in (server.max_message_bytes + 1, 1 << 20, 3 << 20):
+            await c.ws.send("x" * size)
+            e = await c.event()
+            assert e["type"] == "error" and e["code"] == "message_too_large" and e["fatal"] is False, (size, e)
+            await c.send(type="ping", id=size)
+            assert await c.event() == {"type": "pong", "id": size}  # the session goes on
+        await c.ws.send(b"AC\x01\x02\x00\x00\x00\x00" + bytes(2 << 20))  # binary: the audio frame limit
+        assert (await c.event())["code"] == "audio_too_large"
+        await c.ws.send("x" * (server.max_frame_bytes + 1))
+        with pytest.raises(ConnectionClosed) as closed:
+            await c.event(timeout=20)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    finally:
+        await c.ws.close()
+    assert httpx.get(live_app.http + "/health").status_code == 200
+
+
+def test_the_frame_bound_is_never_below_the_message_limit() -> None:
+    with pytest.raises(ConfigError, match="max_frame_bytes must be at least"):
+        load_settings(server={"max_message_bytes": 8 << 20})
+    assert load_settings(server={"max_message_bytes": 8 << 20, "max_frame_bytes": 8 << 20}).server.max_frame_bytes == 8 << 20

@@ -103,8 +103,6 @@ def _serve(settings: Settings, host: str | None, port: int | None, config_path: 
         port=port if port is not None else settings.server.port,
         log_level=settings.server.log_level,
         **uvicorn_options(settings.server),
-        # Above our own limit, so oversized messages get an error event instead of a dropped socket.
-        ws_max_size=max(4 * settings.server.max_message_bytes, 1 << 20),
         ws_ping_interval=20,
         ws_ping_timeout=20,
     )

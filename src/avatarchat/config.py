@@ -27,6 +27,11 @@ class ServerConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 for all.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     max_message_bytes: int = Field(64 * 1024, ge=256, description="Largest WebSocket text frame accepted.")
+    max_frame_bytes: int = Field(
+        4 * 2**20, ge=64 * 1024, description="Largest WebSocket message read at all: one over max_message_bytes "
+        "(or voice.max_audio_frame_bytes) but within this gets an error event and the session goes on; a larger one "
+        "closes the connection (1009). At least max_message_bytes.",
+    )
     max_header_bytes: int = Field(
         64 * 1024, ge=4096, description="Largest HTTP request head (request line and headers); a larger one is "
         "answered 431 and its connection closed, before the rest is read.",
@@ -44,6 +49,12 @@ class ServerConfig(BaseModel):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_json: bool = Field(True, description="JSON log lines (false: plain text).")
+
+    @model_validator(mode="after")
+    def _frame_bound(self) -> ServerConfig:
+        if self.max_frame_bytes < self.max_message_bytes:
+            raise ValueError("server.max_frame_bytes must be at least server.max_message_bytes")
+        return self
 
 
 class LlamaCppConfig(BaseModel):

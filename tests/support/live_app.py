@@ -29,7 +29,7 @@ class LiveApp:
         sock.bind(("127.0.0.1", 0))
         self._sock = sock
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", ws_max_size=1 << 20, **uvicorn_options(settings.server))
+        config = uvicorn.Config(self.app, log_level="warning", **uvicorn_options(settings.server))  # as `avatarchat serve`
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True, name="live-app")
 

@@ -4,6 +4,9 @@ sends before the app sees any of it.
 - Request heads: ``server.max_header_bytes``. uvicorn serves with httptools when it is installed, and
   httptools has no bound at all (a 100 MB header was read, and kept, whole); ``HeadLimitedHttpTools``
   adds one. Without httptools uvicorn's h11 protocol applies the same number itself.
+- WebSocket messages: ``server.max_frame_bytes`` (uvicorn's ``ws_max_size``), well above the app's own
+  ``server.max_message_bytes``, so a message between the two gets the ``message_too_large`` error event
+  and only an absurd one closes the connection (1009).
 """
 
 from __future__ import annotations
@@ -65,4 +68,4 @@ else:
 
 def uvicorn_options(server: ServerConfig) -> dict[str, Any]:
     """uvicorn.Config / uvicorn.run keyword arguments that bound client input."""
-    return {"http": HTTP, "h11_max_incomplete_event_size": server.max_header_bytes}
+    return {"http": HTTP, "h11_max_incomplete_event_size": server.max_header_bytes, "ws_max_size": server.max_frame_bytes}
