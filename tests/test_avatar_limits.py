@@ -1,4 +1,5 @@
-"""Issue 14's low items on avatars: names matched in full, an atomic delete."""
+"""Issue 14's low items on avatars: names matched in full, an atomic delete, a bounded renderer cache and
+a bounded number of stored avatars."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from skimage import data
 from websockets.asyncio.client import connect
 
+from avatarchat.config import load_settings
 from avatarchat.engines.avatar.library import AvatarLibrary
 from avatarchat.services.avatar_store import AvatarStore, AvatarStoreError
 from tests.support.live_app import LiveApp
@@ -126,3 +128,88 @@ def test_a_delete_that_cannot_remove_the_files_keeps_the_avatar_whole(tmp_path: 
     assert [a.name for a in store.list()] == ["default"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
     store.close()
+
+
+# -- 7. bounds: cached renderers and stored avatars ----------------------------------------------------
+
+
+def test_the_renderer_cache_is_bounded_and_keeps_avatars_in_use(tmp_path: Path, astronaut_png: bytes) -> None:
+    store = store_at(tmp_path)
+    for name in ("a1", "a2", "a3"):
+        store.add(name, astronaut_png)
+    store.close()
+    in_use: set[str] = {"a1"}
+    library = AvatarLibrary(tmp_path, 25, max_renderers=2)
+    library.in_use = lambda: in_use
+    held = library.renderer("a1")
+    for name in ("a2", "a3", "default", "a2"):
+        library.renderer(name)
+        assert len(library.cached()) <= 2 and "a1" in library.cached(), (name, library.cached())
+    assert library.renderer("a1") is held  # never rebuilt while in use
+    assert library.cached() == ["a2", "a1"]  # least recently used first
+    in_use.clear()
+    library.renderer("a3")
+    assert library.cached() == ["a1", "a3"]  # a1, no longer used, is the next to go...
+    library.renderer("default")
+    assert library.cached() == ["a3", "default"]  # ...and goes
+    in_use.update({"a1", "a2", "a3"})  # more avatars in use than the bound: none of them is dropped
+    for name in ("a1", "a2"):
+        library.renderer(name)
+    assert sorted(library.cached()) == ["a1", "a2", "a3"]
+
+
+@pytest.fixture(scope="module")
+def bounded_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
+    """An avatar service (renderer only, no LLM or ASR) with small bounds."""
+    settings = load_settings(services={"role": "avatar"}, avatar={"dir": str(tmp_path_factory.mktemp("bounded")),
+                                                                  "max_avatars": 3, "max_cached_renderers": 2})
+    app = LiveApp(settings).start()
+    yield app
+    app.stop()
+
+
+def test_uploads_beyond_max_avatars_are_refused_and_store_nothing(bounded_app: LiveApp, astronaut_png: bytes) -> None:
+    for name in ("one", "two", "three"):
+        assert upload(bounded_app, name, astronaut_png).status_code == 201
+    r = upload(bounded_app, "four", astronaut_png)
+    assert r.status_code == 409 and "limit of 3 avatars" in r.json()["detail"], r.text
+    listed = [a["name"] for a in httpx.get(bounded_app.http + "/api/avatar/list").json()["avatars"]]
+    assert listed == ["default", "one", "two", "three"]
+    assert sorted(p.name for p in Path(bounded_app.settings.avatar.dir).iterdir() if p.is_dir()) == ["one", "three", "two"]
+    # Deleting one makes room again.
+    assert httpx.post(bounded_app.http + "/api/avatar/delete", json={"name": "three"}).status_code == 200
+    assert upload(bounded_app, "four", astronaut_png).status_code == 201
+
+
+def test_previews_leave_the_renderer_cache_bounded(bounded_app: LiveApp, astronaut_png: bytes) -> None:
+    http = bounded_app.http
+    for name in ("one", "two", "four"):
+        if upload(bounded_app, name, astronaut_png).status_code not in (201, 409):
+            pytest.fail(f"could not upload {name}")
+    library = bounded_app.app.state.engines.avatars
+    # A gateway's render stream uses "one": previews of the others never evict it.
+    opened = httpx.post(http + "/api/render/open", json={"avatar": "one", "audio_rate": 22050}, timeout=60)
+    assert opened.status_code == 201, opened.text
+    try:
+        held = library.renderer("one")
+        for name in ("two", "four", "two", "four", "default"):
+            r = httpx.get(http + "/api/avatar/preview", params={"name": name, "size": 64}, timeout=60)
+            assert r.status_code == 200, r.text
+            # The default avatar (every new session's) and the one in use are kept; the rest share the bound.
+            assert len(library.cached()) <= 3 and "one" in library.cached(), library.cached()
+        assert library.renderer("one") is held
+    finally:
+        assert httpx.delete(http + f"/api/render/{opened.json()['id']}").status_code == 200
+    for name in ("two", "four"):
+        assert httpx.get(http + "/api/avatar/preview", params={"name": name, "size": 64}, timeout=60).status_code == 200
+    assert len(library.cached()) <= 2 and "one" not in library.cached(), library.cached()
+
+
+async def test_a_session_keeps_its_avatar_cached(live_app: LiveApp) -> None:
+    library = live_app.app.state.engines.avatars
+    assert live_app.settings.avatar.default in library.in_use()
+    c = await open_client(live_app)
+    try:
+        assert library.in_use().count("default") >= 2  # the configured default, and this session's
+    finally:
+        await c.ws.close()

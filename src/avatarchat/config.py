@@ -197,6 +197,12 @@ class AvatarConfig(BaseModel):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest portrait upload.")
     max_upload_pixels: int = Field(40_000_000, ge=4096, description="Largest portrait, in pixels (decompression-bomb guard).")
     fps: int = Field(25, ge=10, le=60, description="Video frame rate.")
+    max_avatars: int = Field(200, ge=1, description="Most uploaded avatars stored (the built-in one aside); "
+                             "an upload beyond it is refused (409).")
+    max_cached_renderers: int = Field(
+        8, ge=1, description="Avatar renderers kept in memory (~7 MB each), the least recently used dropped first; "
+        "the default avatar's and those in use (sessions, render streams) are always kept.",
+    )
 
 
 class VideoConfig(BaseModel):

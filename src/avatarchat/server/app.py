@@ -73,6 +73,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
                 settings.avatar.dir,
                 max_upload_bytes=settings.avatar.max_upload_bytes,
                 max_pixels=settings.avatar.max_upload_pixels,
+                max_avatars=settings.avatar.max_avatars,
             )
             service = LocalAvatarService(store, eng.avatars, eng.cpu.background, settings.avatar.fps,
                                          lambda: _tts_info(eng), settings.services.webrtc_max_peers)
@@ -83,6 +84,9 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
                 parts = ("avatar",)
         app.state.media = media
         app.state.sessions = SessionManager(settings.session, media, eng.capacity)
+        # Kept whatever the renderer cache's bound: the default avatar (new sessions') and the avatars in use.
+        eng.avatars.in_use = lambda: [settings.avatar.default, *(s.avatar for s in app.state.sessions.sessions()),
+                                      *(render.avatars() if render is not None else ())]
         app.state.avatar_store = store
         app.state.avatar_service = service
         # Load in the background: /health answers at once, /ready once the models are warm.

@@ -75,10 +75,12 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 class AvatarStore:
-    def __init__(self, directory: str | Path, *, max_upload_bytes: int, max_pixels: int, size: int = 512) -> None:
+    def __init__(self, directory: str | Path, *, max_upload_bytes: int, max_pixels: int, size: int = 512,
+                 max_avatars: int = 200) -> None:
         self.dir = Path(directory)
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
+        self.max_avatars = max_avatars
         self.size = size
         self._lock = threading.Lock()  # one writer at a time; SQLite and the rename need no more
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +121,7 @@ class AvatarStore:
             raise AvatarStoreError(413, f"upload is {len(data)} bytes; the limit is {self.max_upload_bytes}")
         if self.exists(name):
             raise AvatarStoreError(409, f"an avatar named {name!r} already exists")
+        self._check_room()
         rgb = decode_image(data, self.max_pixels)
         try:
             model = create_avatar(rgb, name, size=self.size)
@@ -127,6 +130,7 @@ class AvatarStore:
         with self._lock:
             if self.exists(name):
                 raise AvatarStoreError(409, f"an avatar named {name!r} already exists")
+            self._check_room()  # again: another upload may have taken the last place meanwhile
             model.save(self.dir / name, meta={"source": source[:200]})
             created = time.time()
             self._db.execute(
@@ -134,6 +138,12 @@ class AvatarStore:
                 (name, created, self.size, self.size, source[:200]),
             )
         return AvatarInfo(name, False, created, self.size, self.size, source[:200])
+
+    def _check_room(self) -> None:
+        stored = self._db.execute("SELECT COUNT(*) FROM avatars").fetchone()[0]
+        if stored >= self.max_avatars:
+            raise AvatarStoreError(
+                409, f"the store holds its limit of {self.max_avatars} avatars (avatar.max_avatars); delete one first")
 
     def delete(self, name: str) -> None:
         check_name(name)

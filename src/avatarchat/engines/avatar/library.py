@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +27,15 @@ class UnknownAvatarError(KeyError):
 
 
 class AvatarLibrary:
-    def __init__(self, extra_dir: str | Path | None, fps: int) -> None:
+    def __init__(self, extra_dir: str | Path | None, fps: int, max_renderers: int = 8) -> None:
         self._extra = Path(extra_dir) if extra_dir else None
         self._fps = fps
-        self._renderers: dict[str, AvatarRenderer] = {}
+        self._renderers: OrderedDict[str, AvatarRenderer] = OrderedDict()  # least recently used first
+        self._max = max_renderers
         self._lock = threading.Lock()
+        # The avatars whose renderers are never dropped (the app's: its sessions', say). Called in worker
+        # threads, under the lock: it must only read.
+        self.in_use: Callable[[], Collection[str]] = tuple
 
     def _dir(self, name: str) -> Path:
         if not valid_name(name):
@@ -47,11 +53,24 @@ class AvatarLibrary:
         return sorted(found)
 
     def renderer(self, name: str) -> AvatarRenderer:
-        """The shared renderer for ``name``, built once (precomputation takes a moment)."""
+        """The shared renderer for ``name``, built once (precomputation takes a moment) and kept while it is
+        among the ``max_renderers`` last used (~7 MB each) or in use."""
         with self._lock:
-            if name not in self._renderers:
-                self._renderers[name] = AvatarRenderer(AvatarModel.load(self._dir(name)), fps=self._fps)
-            return self._renderers[name]
+            renderer = self._renderers.get(name)
+            if renderer is not None:
+                self._renderers.move_to_end(name)
+                return renderer
+            renderer = self._renderers[name] = AvatarRenderer(AvatarModel.load(self._dir(name)), fps=self._fps)
+            if (excess := len(self._renderers) - self._max) > 0:
+                used = set(self.in_use())
+                for old in [n for n in self._renderers if n != name and n not in used][:excess]:
+                    del self._renderers[old]  # a stream rendering with it keeps its own reference
+            return renderer
+
+    def cached(self) -> list[str]:
+        """The avatars whose renderers are kept, least recently used first."""
+        with self._lock:
+            return list(self._renderers)
 
     def forget(self, name: str) -> None:
         """Drop a deleted avatar's renderer."""
