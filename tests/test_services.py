@@ -100,6 +100,14 @@ def test_upload_through_the_gateway_is_stored_by_the_avatar_service(gateway: Liv
     assert httpx.post(g + "/api/avatar/delete", json={"name": "astro"}).status_code == 404
 
 
+def test_a_domain_403_from_the_avatar_service_stays_a_403(gateway: LiveApp) -> None:
+    """Only the avatar service's token check (401, www-authenticate: Bearer) is the gateway's own fault (502);
+    a 403 about the request itself reaches the user as it is."""
+    r = httpx.post(gateway.http + "/api/avatar/delete", json={"name": "default"})
+    assert r.status_code == 403, r.text
+    assert r.json()["detail"] == "avatar service: the built-in avatar cannot be deleted"
+
+
 def test_one_pooled_client_with_the_configured_limits(gateway: LiveApp) -> None:
     service = gateway.app.state.avatar_service
     assert isinstance(service, HttpAvatarService)

@@ -93,6 +93,7 @@ def _serve(settings: Settings, host: str | None, port: int | None, config_path: 
 
     from avatarchat.logs import setup_logging
     from avatarchat.server.app import create_app
+    from avatarchat.server.serving import uvicorn_options
 
     setup_logging(settings.server.log_level, settings.server.log_json)
     app = create_app(settings, config_path=config_path)
@@ -101,8 +102,7 @@ def _serve(settings: Settings, host: str | None, port: int | None, config_path: 
         host=host or settings.server.host,
         port=port if port is not None else settings.server.port,
         log_level=settings.server.log_level,
-        # Above our own limit, so oversized messages get an error event instead of a dropped socket.
-        ws_max_size=max(4 * settings.server.max_message_bytes, 1 << 20),
+        **uvicorn_options(settings.server),
         ws_ping_interval=20,
         ws_ping_timeout=20,
     )

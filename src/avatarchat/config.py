@@ -45,6 +45,15 @@ class ServerConfig(BaseModel):
         "need Authorization: Bearer <api_token>.",
     )
     endpoints: EndpointsConfig = Field(default_factory=EndpointsConfig, description="The read-only endpoints' access.")
+    max_frame_bytes: int = Field(
+        4 * 2**20, ge=64 * 1024, description="Largest WebSocket message read at all: one over max_message_bytes "
+        "(or voice.max_audio_frame_bytes) but within this gets an error event and the session goes on; a larger one "
+        "closes the connection (1009). At least max_message_bytes.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=4096, description="Largest HTTP request head (request line and headers); a larger one is "
+        "answered 431 and its connection closed, before the rest is read.",
+    )
     max_body_bytes: int = Field(
         2 * 2**20, ge=1024, description="Largest HTTP request body, except uploads (avatar.max_upload_bytes). "
         "Refused by Content-Length before it is read, and a streamed body is cut off at the limit (413).",
@@ -58,6 +67,12 @@ class ServerConfig(BaseModel):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_json: bool = Field(True, description="JSON log lines (false: plain text).")
+
+    @model_validator(mode="after")
+    def _frame_bound(self) -> ServerConfig:
+        if self.max_frame_bytes < self.max_message_bytes:
+            raise ValueError("server.max_frame_bytes must be at least server.max_message_bytes")
+        return self
 
 
 class LlamaCppConfig(BaseModel):
@@ -200,6 +215,12 @@ class AvatarConfig(BaseModel):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest portrait upload.")
     max_upload_pixels: int = Field(40_000_000, ge=4096, description="Largest portrait, in pixels (decompression-bomb guard).")
     fps: int = Field(25, ge=10, le=60, description="Video frame rate.")
+    max_avatars: int = Field(200, ge=1, description="Most uploaded avatars stored (the built-in one aside); "
+                             "an upload beyond it is refused (409).")
+    max_cached_renderers: int = Field(
+        8, ge=1, description="Avatar renderers kept in memory (~7 MB each), the least recently used dropped first; "
+        "the default avatar's and those in use (sessions, render streams) are always kept.",
+    )
 
 
 class VideoConfig(BaseModel):

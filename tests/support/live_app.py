@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from avatarchat.config import Settings
 from avatarchat.server.app import create_app
+from avatarchat.server.serving import uvicorn_options
 
 T = TypeVar("T")
 
@@ -28,7 +29,7 @@ class LiveApp:
         sock.bind(("127.0.0.1", 0))
         self._sock = sock
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", ws_max_size=1 << 20)
+        config = uvicorn.Config(self.app, log_level="warning", **uvicorn_options(settings.server))  # as `avatarchat serve`
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True, name="live-app")
 

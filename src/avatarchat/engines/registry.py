@@ -82,7 +82,7 @@ class Engines:
         self.tts = TTS_ENGINES[settings.tts.engine](settings)
         self.vad = VAD_ENGINES[settings.vad.engine](settings)
         self.asr = ASRQueue(ASR_ENGINES[settings.asr.engine](settings), self.cpu)
-        self.avatars = AvatarLibrary(settings.avatar.dir, settings.avatar.fps)
+        self.avatars = AvatarLibrary(settings.avatar.dir, settings.avatar.fps, settings.avatar.max_cached_renderers)
         self.ready = asyncio.Event()
         self.load_error: str | None = None
         self.load_seconds: dict[str, float] = {}

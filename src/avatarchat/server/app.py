@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +34,7 @@ from avatarchat.services.render_wire import max_body
 from avatarchat.server.relay import RelayMiddleware
 from avatarchat.server.render_api import router as render_router
 from avatarchat.server.service_auth import ServiceTokenMiddleware
+from avatarchat.server.validation import validation_error
 from avatarchat.server.ws import router as ws_router
 from avatarchat.services.avatar_client import AvatarService, AvatarServiceError, HttpAvatarService, LocalAvatarService
 from avatarchat.services.avatar_store import AvatarStore
@@ -72,6 +74,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
                 settings.avatar.dir,
                 max_upload_bytes=settings.avatar.max_upload_bytes,
                 max_pixels=settings.avatar.max_upload_pixels,
+                max_avatars=settings.avatar.max_avatars,
             )
             service = LocalAvatarService(store, eng.avatars, eng.cpu.background, settings.avatar.fps,
                                          lambda: _tts_info(eng), settings.services.webrtc_max_peers)
@@ -82,6 +85,9 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
                 parts = ("avatar",)
         app.state.media = media
         app.state.sessions = SessionManager(settings.session, media, eng.capacity)
+        # Kept whatever the renderer cache's bound: the default avatar (new sessions') and the avatars in use.
+        eng.avatars.in_use = lambda: [settings.avatar.default, *(s.avatar for s in app.state.sessions.sessions()),
+                                      *(render.avatars() if render is not None else ())]
         app.state.avatar_store = store
         app.state.avatar_service = service
         # Load in the background: /health answers at once, /ready once the models are warm.
@@ -123,6 +129,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
     app.add_middleware(AccessMiddleware, config=settings.server)  # outermost: refused before any work
     app.add_exception_handler(AvatarServiceError, service_error)
     app.add_exception_handler(WebRTCError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
     if settings.llm.engine == "router" and settings.llm.router.mount_api:
         from avatarchat.router.app import router_routes
 

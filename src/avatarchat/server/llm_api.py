@@ -26,7 +26,7 @@ class Message(BaseModel):
 class ChatBody(BaseModel):
     messages: list[Message] = Field(min_length=1, max_length=64)
     max_tokens: int | None = Field(None, ge=1, le=8192)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # NaN: "finite number", not "≤ 2"
 
     def plain(self) -> list[dict[str, str]]:
         return [m.model_dump() for m in self.messages]

@@ -28,7 +28,7 @@ from avatarchat.services.render_streams import RenderStreams
 from avatarchat.services.render_wire import FRAMES, RenderRequestError, batch_shape, due_ms, max_body, unpack_batch
 
 router = APIRouter(prefix="/api/render", include_in_schema=False)
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
 _FMP4 = "application/octet-stream"
 
 
@@ -47,7 +47,7 @@ def _fail(e: RenderRequestError) -> HTTPException:
 
 
 def _checked_id(stream_id: str) -> str:
-    if not _ID.match(stream_id):
+    if not _ID.fullmatch(stream_id):
         raise HTTPException(404, "no such render stream")
     return stream_id
 

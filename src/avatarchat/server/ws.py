@@ -18,7 +18,7 @@ from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from avatarchat import metrics
-from avatarchat.engines.avatar.library import UnknownAvatarError
+from avatarchat.engines.avatar.library import NAME_RULE, UnknownAvatarError, valid_name
 from avatarchat.engines.llm.base import LLMEngine, LLMError, Routable
 from avatarchat.engines.registry import Engines
 from avatarchat.engines.video.fmp4 import mime_for
@@ -215,6 +215,8 @@ def _check_update(event: dict[str, Any]) -> None:
     for key in ("voice", "language", "avatar"):
         if key in event and (not isinstance(event[key], str) or not 0 < len(event[key]) <= 64):
             raise ProtocolError("invalid_field", f"{key} must be a string of 1 to 64 characters")
+    if "avatar" in event and not valid_name(event["avatar"]):
+        raise ProtocolError("invalid_field", NAME_RULE)
     llm = event.get("llm", {})
     if not isinstance(llm, dict) or any(not isinstance(llm.get(k, ""), str) for k in ("provider", "model")):
         raise ProtocolError("invalid_field", "llm must be an object with string fields 'provider' and 'model'")
@@ -340,6 +342,10 @@ async def session_socket(ws: WebSocket) -> None:
     settings = engines.settings
     sender = WebSocketSender(ws, settings.server.max_send_buffer_bytes, settings.server.send_timeout_s)
     avatar = ws.query_params.get("avatar") or settings.avatar.default
+    if not valid_name(avatar):
+        await sender.event("error", code="invalid_field", message=NAME_RULE, fatal=True)
+        await sender.close(1008)
+        return
     try:
         known = await manager.media.exists(avatar)
     except MediaError as e:

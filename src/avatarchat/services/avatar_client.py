@@ -54,6 +54,12 @@ def error_detail(r: httpx.Response) -> str:
         return r.text[:500]
 
 
+def token_refused(r: httpx.Response) -> bool:
+    """The avatar service's token check refused this gateway (server/service_auth.py: 401 with
+    ``www-authenticate: Bearer``): a gateway misconfiguration, unlike a 403 about the request itself."""
+    return r.status_code == 401 and r.headers.get("www-authenticate", "").startswith("Bearer")
+
+
 def _unreachable(e: httpx.HTTPError) -> AvatarServiceError:
     return AvatarServiceError(504 if isinstance(e, httpx.TimeoutException) else 502, unreachable(e))
 
@@ -61,7 +67,7 @@ def _unreachable(e: httpx.HTTPError) -> AvatarServiceError:
 def _failed(r: httpx.Response) -> AvatarServiceError:
     """An avatar service error answer (read) as the error the gateway answers with."""
     detail = error_detail(r)
-    if r.status_code in (401, 403):  # the gateway's credentials, not the user's: a gateway misconfiguration
+    if token_refused(r):  # the gateway's credentials, not the user's
         return AvatarServiceError(502, f"avatar service refused this gateway (services.token): {detail}")
     # 503 (at capacity) keeps its meaning; any other upstream failure is a bad gateway.
     status = r.status_code if r.status_code < 500 or r.status_code == 503 else 502
@@ -297,7 +303,7 @@ class HttpAvatarService:
             # the service renders (role avatar).
             r = await self._client.get("/api/render/status", timeout=2.0)
             ok = r.status_code == 200
-            error = None if ok else f"HTTP {r.status_code}" + (" (services.token refused)" if r.status_code == 401 else "")
+            error = None if ok else f"HTTP {r.status_code}" + (" (services.token refused)" if token_refused(r) else "")
         except httpx.HTTPError as e:
             ok, error = False, redact_url(f"{type(e).__name__}: {e}")
         out: dict[str, Any] = {"where": redact_url(self.url), "ok": ok, "ms": round(1000 * (time.perf_counter() - start), 1)}

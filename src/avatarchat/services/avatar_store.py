@@ -3,13 +3,13 @@
 The files are the avatar (``portrait.png`` + ``landmarks.json``, written to a temporary directory and
 renamed into place by ``AvatarModel.save``); the SQLite row is written after the rename. On open,
 directories without a row (a crash between the two) and stray temporary directories are removed,
-so a crash during an upload never leaves a half-made avatar.
+so a crash during an upload never leaves a half-made avatar. A delete moves the files aside before
+the row goes (rows without files are removed on open too), and a delete that fails changes nothing.
 """
 
 from __future__ import annotations
 
 import io
-import re
 import shutil
 import sqlite3
 import threading
@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from avatarchat.engines.avatar.face import AvatarModel, NoFaceError, create_avatar
+from avatarchat.engines.avatar.library import NAME_RULE, valid_name
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 BUILTIN = "default"
 FORMATS = {"PNG", "JPEG", "WEBP"}
 
@@ -75,10 +75,12 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 class AvatarStore:
-    def __init__(self, directory: str | Path, *, max_upload_bytes: int, max_pixels: int, size: int = 512) -> None:
+    def __init__(self, directory: str | Path, *, max_upload_bytes: int, max_pixels: int, size: int = 512,
+                 max_avatars: int = 200) -> None:
         self.dir = Path(directory)
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
+        self.max_avatars = max_avatars
         self.size = size
         self._lock = threading.Lock()  # one writer at a time; SQLite and the rename need no more
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +121,7 @@ class AvatarStore:
             raise AvatarStoreError(413, f"upload is {len(data)} bytes; the limit is {self.max_upload_bytes}")
         if self.exists(name):
             raise AvatarStoreError(409, f"an avatar named {name!r} already exists")
+        self._check_room()
         rgb = decode_image(data, self.max_pixels)
         try:
             model = create_avatar(rgb, name, size=self.size)
@@ -127,6 +130,7 @@ class AvatarStore:
         with self._lock:
             if self.exists(name):
                 raise AvatarStoreError(409, f"an avatar named {name!r} already exists")
+            self._check_room()  # again: another upload may have taken the last place meanwhile
             model.save(self.dir / name, meta={"source": source[:200]})
             created = time.time()
             self._db.execute(
@@ -135,6 +139,12 @@ class AvatarStore:
             )
         return AvatarInfo(name, False, created, self.size, self.size, source[:200])
 
+    def _check_room(self) -> None:
+        stored = self._db.execute("SELECT COUNT(*) FROM avatars").fetchone()[0]
+        if stored >= self.max_avatars:
+            raise AvatarStoreError(
+                409, f"the store holds its limit of {self.max_avatars} avatars (avatar.max_avatars); delete one first")
+
     def delete(self, name: str) -> None:
         check_name(name)
         if name == BUILTIN:
@@ -142,10 +152,19 @@ class AvatarStore:
         with self._lock:
             if not self.exists(name):
                 raise AvatarStoreError(404, f"no avatar named {name!r}")
-            self._db.execute("DELETE FROM avatars WHERE name = ?", (name,))
-            # Rename first, so a crash mid-delete leaves a hidden directory that the next open removes.
+            # All or nothing: the files are moved aside before the row goes, so a directory that refuses the
+            # rename (read-only) leaves the avatar whole, and a row that cannot go gets its files back. A crash
+            # in between leaves a row without files and a hidden directory: the next open removes both.
             trash = self.dir / f".deleted-{name}-{time.monotonic_ns()}"
-            (self.dir / name).rename(trash)
+            try:
+                (self.dir / name).rename(trash)
+            except OSError as e:
+                raise AvatarStoreError(500, f"could not delete avatar {name!r}: {e.strerror or e}") from e
+            try:
+                self._db.execute("DELETE FROM avatars WHERE name = ?", (name,))
+            except sqlite3.Error as e:
+                trash.rename(self.dir / name)
+                raise AvatarStoreError(500, f"could not delete avatar {name!r}: {e}") from e
             shutil.rmtree(trash, ignore_errors=True)
 
     def load(self, name: str) -> AvatarModel:
@@ -153,7 +172,5 @@ class AvatarStore:
 
 
 def check_name(name: str) -> None:
-    if not NAME.match(name):
-        raise AvatarStoreError(
-            400, "avatar names are 1-64 letters, digits, '-' or '_', starting with a letter or digit"
-        )
+    if not valid_name(name):
+        raise AvatarStoreError(400, NAME_RULE)

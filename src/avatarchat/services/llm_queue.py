@@ -41,11 +41,11 @@ log = logging.getLogger(__name__)
 TASK = "avatarchat.llm_chat"
 QUEUE = "avatarchat-llm"
 RESULT_KEY = "celery-task-meta-"  # + task id: the Redis backend's result key and channel
-_TASK_ID = re.compile(r"^[0-9a-f-]{36}$")
 WORKER_KEY = "avatarchat:llm:worker"  # JSON {"hostname", "pid", "id"} of the last worker that beat
 CALL_KEY = "avatarchat:llm:task:"  # + task id: RUNNING + worker id, ABANDONED, or the JSON outcome
 RUNNING, ABANDONED = "running:", "abandoned"
 LIVENESS_CACHE_S = 1.0
+_TASK_ID = re.compile(r"[0-9a-f-]{36}")
 
 
 class QueueUnavailable(RuntimeError):
@@ -272,7 +272,7 @@ class QueueClient:
                                                                    "error": redact_url(f"{type(e).__name__}: {e}")})
 
     async def status(self, task_id: str) -> dict[str, Any]:
-        if not _TASK_ID.match(task_id):
+        if not _TASK_ID.fullmatch(task_id):
             raise ValueError("not a task id")
         try:
             raw = await asyncio.wait_for(self._redis.get(RESULT_KEY + task_id), 3)

@@ -20,7 +20,7 @@ from avatarchat import metrics
 from avatarchat.config import RenderServiceConfig
 from avatarchat.engines.avatar.library import UnknownAvatarError
 from avatarchat.pipeline.avatar_media import MediaError
-from avatarchat.services.avatar_client import error_detail, unreachable
+from avatarchat.services.avatar_client import error_detail, token_refused, unreachable
 from avatarchat.services.render_wire import DUE_MS, FRAMES, pack_batch
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class RemoteAvatarMedia:
         if r.status_code >= 400:
             detail = error_detail(r)
             code = {404: "not_found", 503: "render_busy"}.get(r.status_code, "render_failed")
-            if r.status_code in (401, 403, 502, 504):  # 401/403: the gateway's services.token, not the user
+            if token_refused(r) or r.status_code in (502, 504):  # the gateway's services.token, or unreachable
                 code = UNAVAILABLE
             raise MediaError(code, f"avatar service ({r.status_code}): {detail}", r.status_code)
         return r

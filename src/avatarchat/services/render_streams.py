@@ -47,6 +47,10 @@ class RenderStreams:
     def __len__(self) -> int:
         return len(self._streams)
 
+    def avatars(self) -> list[str]:
+        """The avatars the open streams render (safe to call from any thread)."""
+        return [e.avatar for e in list(self._streams.values())]
+
     def status(self) -> dict[str, Any]:
         return {"streams": len(self._streams), "opening": self._opening, "max_streams": self.config.max_streams,
                 "frames": self.frames, "expired": self.expired, "idle_expiry_s": self.config.idle_expiry_s}

@@ -24,8 +24,8 @@ from av import VideoFrame
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/webrtc/"
-_PEER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")
+_PEER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _CLOCK = 90000  # RTP video clock
 
 
@@ -51,13 +51,13 @@ def resolve(method: str, raw_path: str) -> WebRTCRoute:
     parts = rest.split("/")
     if any(p in ("", ".", "..") for p in parts) or ":" in rest:
         raise WebRTCError(400, "WebRTC paths are plain relative names: no traversal, no empty segments, no URLs")
-    if not all(_SEGMENT.match(p) for p in parts):
+    if not all(_SEGMENT.fullmatch(p) for p in parts):
         raise WebRTCError(400, "WebRTC path segments may hold only letters, digits, '-' and '_'")
     if parts == ["offer"]:
         if method != "POST":
             raise WebRTCError(405, "use POST for /api/webrtc/offer")
         return WebRTCRoute("offer")
-    if len(parts) == 2 and parts[0] == "peers" and _PEER_ID.match(parts[1]):
+    if len(parts) == 2 and parts[0] == "peers" and _PEER_ID.fullmatch(parts[1]):
         if method != "DELETE":
             raise WebRTCError(405, "use DELETE for /api/webrtc/peers/<id>")
         return WebRTCRoute("close", parts[1])
