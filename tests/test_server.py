@@ -131,6 +131,7 @@ async def test_protocol_errors_keep_the_session_up(live_app: LiveApp) -> None:
         (json.dumps({"type": "user_text", "text": "x" * (live_app.settings.pipeline.max_text_chars + 1)}), "invalid_field"),
         (json.dumps({"type": "hello", "protocol": 99}), "unsupported_protocol"),
         ("x" * (limit + 1), "message_too_large"),
+        ("中" * (limit // 3 + 1), "message_too_large"),  # fewer characters than the limit, more bytes
         ('{"type": "user_text", "text": "hi \\ud800"}', "bad_unicode"),  # valid JSON, not text
         ('{"type": "ping", "id": "\\udfff"}', "bad_unicode"),
         ('{"type": "ping", "id": ' + "1" * 5000 + "}", "bad_json"),  # past Python's int conversion limit

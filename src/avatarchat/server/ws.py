@@ -446,7 +446,8 @@ async def _handle(message: Message, session: Session, sender: WebSocketSender, t
         await session.voice.feed(pcm)
         return
     text = message.get("text") or ""
-    if len(text) > limit and len(text.encode("utf-8")) > limit:
+    # Bytes, not characters: 64 Ki Chinese characters are 192 KiB. (Encoding only when it could be over.)
+    if len(text) > limit or (len(text) * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit):
         await sender.event(
             "error", code="message_too_large", message=f"message is over the {limit}-byte limit", fatal=False
         )
