@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from avatarchat.engines.avatar.base import AvatarRendererProtocol
 from avatarchat.engines.avatar.face import AvatarModel, default_avatar_dir
 from avatarchat.engines.avatar.renderer import AvatarRenderer
 
@@ -18,11 +20,16 @@ class UnknownAvatarError(KeyError):
     pass
 
 
+RendererFactory = Callable[[AvatarModel], AvatarRendererProtocol]
+
+
 class AvatarLibrary:
-    def __init__(self, extra_dir: str | Path | None, fps: int) -> None:
+    def __init__(self, extra_dir: str | Path | None, fps: int, factory: RendererFactory | None = None) -> None:
+        """``factory`` makes an avatar's renderer (engines/registry.py's AVATAR_ENGINES); default: the warp renderer."""
         self._extra = Path(extra_dir) if extra_dir else None
         self._fps = fps
-        self._renderers: dict[str, AvatarRenderer] = {}
+        self._factory: RendererFactory = factory or (lambda model: AvatarRenderer(model, fps=fps))
+        self._renderers: dict[str, AvatarRendererProtocol] = {}
         self._lock = threading.Lock()
 
     def _dir(self, name: str) -> Path:
@@ -40,11 +47,11 @@ class AvatarLibrary:
             found |= {p.parent.name for p in self._extra.glob("*/portrait.png") if _NAME.match(p.parent.name)}
         return sorted(found)
 
-    def renderer(self, name: str) -> AvatarRenderer:
+    def renderer(self, name: str) -> AvatarRendererProtocol:
         """The shared renderer for ``name``, built once (precomputation takes a moment)."""
         with self._lock:
             if name not in self._renderers:
-                self._renderers[name] = AvatarRenderer(AvatarModel.load(self._dir(name)), fps=self._fps)
+                self._renderers[name] = self._factory(AvatarModel.load(self._dir(name)))
             return self._renderers[name]
 
     def forget(self, name: str) -> None:
