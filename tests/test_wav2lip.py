@@ -175,13 +175,13 @@ def test_louder_speech_changes_only_the_mouth_region(renderer: Wav2LipRenderer) 
     quiet = renderer.render_speech(frames, np.zeros((10, 3)), track_of(noise(3.0, amp=0.01)))
     loud = renderer.render_speech(frames, np.zeros((10, 3)), track_of(noise(3.0, amp=0.3)))
     y0, y1, x0, x1 = renderer.box
-    top = int(np.nonzero(renderer.mask[:, :, 0].max(axis=1))[0][0])
+    top = int(np.nonzero(renderer.mask.max(axis=1))[0][0])
     for k, s, q, lo in zip(frames, silent, quiet, loud):
         base = renderer.render(k)  # the warp renderer's frame, mouth at rest: idle motion and blinks go on
         assert np.array_equal(base, AvatarRenderer(renderer.base.model).render(k, np.zeros(3))) if k == 50 else True
         dy0, dy1, dx0, dx1 = renderer.box_at(k)
         mask = np.zeros(base.shape[:2], bool)
-        mask[dy0:dy1, dx0:dx1] = renderer.mask[:, :, 0] > 0
+        mask[dy0:dy1, dx0:dx1] = renderer.mask > 0
         for img in (s, q, lo):
             assert np.array_equal(img[~mask], base[~mask])  # nothing outside the blended region changes
         region = (slice(dy0 + top + 10, dy1 - 10), slice(dx0 + 30, dx1 - 30))
@@ -208,7 +208,7 @@ def test_the_blend_has_no_hard_edge(renderer: Wav2LipRenderer) -> None:
     base = renderer.render(k)
     dy0, dy1, dx0, dx1 = renderer.box_at(k)
     m = np.zeros(base.shape[:2], np.float32)
-    m[dy0:dy1, dx0:dx1] = renderer.mask[:, :, 0]
+    m[dy0:dy1, dx0:dx1] = renderer.mask
     # The boundary: the mask's edge, a few px either side of where the blend starts (sides, bottom, top).
     support = m > 0
     ring = np.zeros_like(support)

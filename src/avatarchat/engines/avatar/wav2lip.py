@@ -167,13 +167,13 @@ class Wav2LipRenderer:
 
     @staticmethod
     def _make_mask(h: int, w: int, top: float, feather: float) -> np.ndarray:
-        """(h, w, 1) float32: 1 over the lower face (from the base of the nose down), easing to exactly 0 at
+        """(h, w) float32: 1 over the lower face (from the base of the nose down), easing to exactly 0 at
         the box's sides and bottom and above the nose: a C1 ramp, so the blend has no edge."""
         f = max(2.0, feather * w)
         ys, xs = np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32)
         vert = _smoothstep(top - f, top + f, ys) * (1 - _smoothstep(h - 1 - 2 * f, h - 1, ys))
         horiz = _smoothstep(0.0, 2 * f, xs) * _smoothstep(0.0, 2 * f, w - 1 - xs)
-        return (vert[:, None] * horiz[None, :])[..., None].astype(np.float32)
+        return (vert[:, None] * horiz[None, :]).astype(np.float32)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -210,13 +210,16 @@ class Wav2LipRenderer:
                           lambda n0, n1: speech.resampled(n0, n1, SAMPLE_RATE))
         images = [self.base.render(k, _REST) for k in indices]
         faces = self._model.run(mel[:, None], self.inputs(images, indices), self.batch_size)
-        for image, k, face in zip(images, indices, faces):
+        # Only the rows the mask reaches are resized and blended; blendLinear leaves a pixel of weight 0 as it was.
+        mask = self.mask
+        r0 = int(np.argmax(mask.max(axis=1) > 0))
+        weight, keep = np.ascontiguousarray(mask[r0:]), np.ascontiguousarray(1.0 - mask[r0:])
+        faces_u8 = (faces.transpose(0, 2, 3, 1)[..., ::-1] * 255.0 + 0.5).astype(np.uint8)  # BGR → RGB
+        for image, k, face in zip(images, indices, faces_u8):
             y0, y1, x0, x1 = self.box_at(k)
-            rgb = np.ascontiguousarray(face.transpose(1, 2, 0)[..., ::-1]) * 255.0
-            gen = cv2.resize(rgb, (x1 - x0, y1 - y0), interpolation=cv2.INTER_CUBIC)
-            region = image[y0:y1, x0:x1].astype(np.float32)
-            region += self.mask * (gen - region)
-            image[y0:y1, x0:x1] = np.clip(region + 0.5, 0, 255).astype(np.uint8)
+            gen = cv2.resize(face, (x1 - x0, y1 - y0), interpolation=cv2.INTER_CUBIC)[r0:]
+            region = image[y0 + r0 : y1, x0:x1]
+            region[...] = cv2.blendLinear(gen, np.ascontiguousarray(region), weight, keep)
         return images
 
 
