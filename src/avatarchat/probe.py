@@ -142,8 +142,7 @@ def probe_avatar(s: Settings) -> str:
         raise RuntimeError(f"encoded {stream.frames} frames into {len(data)} bytes")
     done = f"rendered and encoded {stream.frames} frames at {width}x{height} ({len(data)} bytes)"
     if s.avatar.engine == "wav2lip":
-        model = getattr(renderer, "_model", None)
-        return f"wav2lip {model.describe() if model is not None else ''}; {done}"
+        return f"wav2lip {renderer.model.describe()}; {done}"  # type: ignore[attr-defined]
     return done
 
 

@@ -150,7 +150,7 @@ class Wav2LipRenderer:
         self.fps = fps
         self.idle_period_frames = self.base.idle_period_frames
         self.batch_size = batch_size
-        self._model = model
+        self.model = model
         h, w = avatar.image.shape[:2]
         lm = avatar.landmarks[:468].astype(np.float32)
         top, bottom, left, right = pads
@@ -209,7 +209,7 @@ class Wav2LipRenderer:
         mel = mel_windows([speech.frame(k) for k in indices], self.fps,
                           lambda n0, n1: speech.resampled(n0, n1, SAMPLE_RATE))
         images = [self.base.render(k, _REST) for k in indices]
-        faces = self._model.run(mel[:, None], self.inputs(images, indices), self.batch_size)
+        faces = self.model.run(mel[:, None], self.inputs(images, indices), self.batch_size)
         # Only the rows the mask reaches are resized and blended; blendLinear leaves a pixel of weight 0 as it was.
         mask = self.mask
         r0 = int(np.argmax(mask.max(axis=1) > 0))
