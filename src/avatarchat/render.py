@@ -13,12 +13,12 @@ from pathlib import Path
 from avatarchat.config import Settings
 from avatarchat.engines.avatar.library import UnknownAvatarError
 from avatarchat.engines.llm.base import LLMError
-from avatarchat.engines.registry import LLM_ENGINES, TTS_ENGINES
-from avatarchat.engines.avatar.library import AvatarLibrary
+from avatarchat.engines.avatar.wav2lip import Wav2LipModelError
+from avatarchat.engines.registry import LLM_ENGINES, TTS_ENGINES, avatar_library
 from avatarchat.engines.tts.base import TTSError
 from avatarchat.engines.video.fmp4 import Fmp4Stream
 from avatarchat.pipeline.history import History
-from avatarchat.pipeline.media import Timeline, render_batch, speakable
+from avatarchat.pipeline.media import Timeline, render_batch, speakable, speech_track
 from avatarchat.pipeline.segmenter import split_text
 
 Step = Callable[[str], AbstractContextManager[None]]
@@ -68,9 +68,9 @@ def render_to_file(
         tts = TTS_ENGINES[settings.tts.engine](settings)
         with step(f"loading TTS ({settings.tts.engine})"):
             tts.load()
-        with step(f"loading avatar {avatar!r}"):
-            renderer = AvatarLibrary(settings.avatar.dir, settings.avatar.fps).renderer(avatar)
-    except (LLMError, TTSError, UnknownAvatarError, FileNotFoundError) as e:
+        with step(f"loading avatar {avatar!r} ({settings.avatar.engine})"):
+            renderer = avatar_library(settings).renderer(avatar)
+    except (LLMError, TTSError, UnknownAvatarError, FileNotFoundError, Wav2LipModelError) as e:
         raise RenderError(str(e)) from e
 
     pieces = [p for p in (speakable(t) for t in split_text(text)) if p]
@@ -82,6 +82,7 @@ def render_to_file(
     width, height = renderer.size
     v = settings.video
     stream = Fmp4Stream(width, height, fps, rate, crf=v.crf, preset=v.preset, threads=v.threads, audio_bitrate=v.audio_bitrate)
+    speech = speech_track(renderer, rate, fps)
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".say-", suffix=".mp4", dir=output.parent)
     try:
@@ -92,7 +93,7 @@ def render_to_file(
                     piece = timeline.prepare(tts.synthesize(piece_text, rate=settings.tts.rate))
                 except TTSError as e:
                     raise RenderError(str(e)) from e
-                f.write(render_batch(stream, renderer, piece.mouth, frame, piece.audio))
+                f.write(render_batch(stream, renderer, piece.mouth, frame, piece.audio, speech=speech))
                 frame += piece.frames
             f.write(stream.close())
         os.replace(tmp, output)

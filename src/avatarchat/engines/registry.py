@@ -11,7 +11,7 @@ from avatarchat import metrics
 from avatarchat.config import Settings
 from avatarchat.engines.asr.base import ASREngine
 from avatarchat.engines.asr.queue import ASRQueue
-from avatarchat.engines.avatar.library import AvatarLibrary
+from avatarchat.engines.avatar.library import AvatarLibrary, RendererFactory
 from avatarchat.engines.llm.base import LLMEngine
 from avatarchat.engines.tts.base import TTSEngine
 from avatarchat.engines.vad.base import VADEngine
@@ -64,11 +64,27 @@ def _whisper(s: Settings) -> ASREngine:
     return WhisperEngine(s.asr)
 
 
+def _warp(s: Settings) -> RendererFactory | None:
+    return None  # AvatarLibrary's default
+
+
+def _wav2lip(s: Settings) -> RendererFactory | None:
+    from avatarchat.engines.avatar.wav2lip import Wav2LipEngine
+
+    return Wav2LipEngine(s.avatar.wav2lip, s.avatar.fps)
+
+
+def avatar_library(s: Settings) -> AvatarLibrary:
+    """The avatars, each rendered by the engine ``avatar.engine`` names."""
+    return AvatarLibrary(s.avatar.dir, s.avatar.fps, s.avatar.max_cached_renderers, AVATAR_ENGINES[s.avatar.engine](s))
+
+
 LLM_ENGINES: dict[str, Callable[[Settings, CpuScheduler | None], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai, "router": _router}
 TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak}
 PARTS = ("llm", "tts", "vad", "asr", "avatar")
 VAD_ENGINES: dict[str, Callable[[Settings], VADEngine]] = {"silero": _silero}
 ASR_ENGINES: dict[str, Callable[[Settings], ASREngine]] = {"whisper": _whisper}
+AVATAR_ENGINES: dict[str, Callable[[Settings], RendererFactory | None]] = {"warp": _warp, "wav2lip": _wav2lip}
 
 
 class Engines:
@@ -82,7 +98,7 @@ class Engines:
         self.tts = TTS_ENGINES[settings.tts.engine](settings)
         self.vad = VAD_ENGINES[settings.vad.engine](settings)
         self.asr = ASRQueue(ASR_ENGINES[settings.asr.engine](settings), self.cpu)
-        self.avatars = AvatarLibrary(settings.avatar.dir, settings.avatar.fps, settings.avatar.max_cached_renderers)
+        self.avatars = avatar_library(settings)
         self.ready = asyncio.Event()
         self.load_error: str | None = None
         self.load_seconds: dict[str, float] = {}

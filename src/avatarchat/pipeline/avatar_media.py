@@ -18,9 +18,9 @@ import numpy as np
 from avatarchat import metrics
 from avatarchat.config import Settings
 from avatarchat.engines.avatar.library import AvatarLibrary, UnknownAvatarError
-from avatarchat.engines.avatar.renderer import AvatarRenderer
+from avatarchat.engines.avatar.base import AvatarRendererProtocol, SpeechTrack
 from avatarchat.engines.video.fmp4 import Fmp4Stream
-from avatarchat.pipeline.media import render_batch
+from avatarchat.pipeline.media import render_batch, speech_track
 from avatarchat.pipeline.capacity import Capacity
 from avatarchat.pipeline.scheduler import CpuScheduler
 
@@ -96,11 +96,11 @@ class IdleSource(Protocol):
     def forget(self, name: str) -> None: ...
 
 
-def _render_counted(stream: Fmp4Stream, renderer: AvatarRenderer, mouth: np.ndarray, first_frame: int,
-                    audio: np.ndarray | None, hold: int = 1) -> bytes:
+def _render_counted(stream: Fmp4Stream, renderer: AvatarRendererProtocol, mouth: np.ndarray, first_frame: int,
+                    audio: np.ndarray | None, hold: int = 1, speech: SpeechTrack | None = None) -> bytes:
     """Runs in a worker. Counted here: the process that renders reports the frames."""
     started = time.perf_counter()
-    data = render_batch(stream, renderer, mouth, first_frame, audio, hold)
+    data = render_batch(stream, renderer, mouth, first_frame, audio, hold, speech)
     elapsed = time.perf_counter() - started
     metrics.FRAMES.inc(len(mouth))
     metrics.RENDER_FPS.set(len(mouth) / elapsed if elapsed > 0 else 0.0)
@@ -108,12 +108,14 @@ def _render_counted(stream: Fmp4Stream, renderer: AvatarRenderer, mouth: np.ndar
 
 
 class LocalStream:
-    """An ``Fmp4Stream`` and the avatar's renderer, driven in the CPU scheduler."""
+    """An ``Fmp4Stream`` and the avatar's renderer, driven in the CPU scheduler (with the stream's speech, for a
+    renderer driven by audio)."""
 
-    def __init__(self, stream: Fmp4Stream, renderer: AvatarRenderer, cpu: CpuScheduler,
-                 capacity: Capacity | None = None) -> None:
+    def __init__(self, stream: Fmp4Stream, renderer: AvatarRendererProtocol, cpu: CpuScheduler,
+                 capacity: Capacity | None = None, speech: SpeechTrack | None = None) -> None:
         self._stream = stream
         self._renderer = renderer
+        self._speech = speech
         self._cpu = cpu
         self._capacity = capacity
         self._inflight: Future[bytes] | None = None
@@ -149,7 +151,7 @@ class LocalStream:
             hold = 2
             metrics.HALF_RATE_BATCHES.labels("due").inc()
         return await self._work(deadline, _render_counted, self._stream, self._renderer, mouth, first_frame, audio,
-                                hold)
+                                hold, self._speech)
 
     async def close(self) -> bytes:
         if self.closed:
@@ -199,7 +201,7 @@ class LocalAvatarMedia:
         stream = Fmp4Stream(width, height, self._s.avatar.fps, audio_rate, crf=v.crf, preset=v.preset,
                             threads=v.threads, audio_bitrate=v.audio_bitrate)
         stream.start()
-        return LocalStream(stream, renderer, self._cpu, self._capacity)
+        return LocalStream(stream, renderer, self._cpu, self._capacity, speech_track(renderer, audio_rate, self._s.avatar.fps))
 
     async def open(self, name: str, audio_rate: int, *, deadline: float | None = None) -> LocalStream:
         due = time.perf_counter() if deadline is None else deadline

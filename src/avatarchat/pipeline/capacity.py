@@ -118,7 +118,7 @@ async def calibrate_capacity(engines: Engines, *, render: bool = True) -> None:
     it, each timed as the slot-seconds it holds. Sets the first cost per speech second."""
     from avatarchat.engines.llm.base import Prefills
     from avatarchat.engines.video.fmp4 import Fmp4Stream
-    from avatarchat.pipeline.media import Timeline, render_batch
+    from avatarchat.pipeline.media import Timeline, render_batch, speech_track
 
     s = engines.settings
 
@@ -134,8 +134,11 @@ async def calibrate_capacity(engines: Engines, *, render: bool = True) -> None:
             stream.start()
             piece = Timeline(s.avatar.fps, rate).prepare(speech)
             step = s.pipeline.render_batch_frames
+            track = speech_track(renderer, rate, s.avatar.fps)
+            if track is not None:  # a renderer driven by audio (Wav2Lip) costs what it costs on speech
+                track.push(piece.audio)
             for k in range(0, piece.frames, step):
-                render_batch(stream, renderer, piece.mouth[k : k + step], k, None)
+                render_batch(stream, renderer, piece.mouth[k : k + step], k, None, speech=track)
             stream.add_audio(piece.audio)
             stream.close()
         return time.perf_counter() - start, speech.duration

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import resample_poly
 
-from avatarchat.engines.avatar.renderer import AvatarRenderer
+from avatarchat.engines.avatar.base import AvatarRendererProtocol, SpeechTrack, wants_audio
 from avatarchat.engines.avatar.visemes import mouth_track
 from avatarchat.engines.types import Speech
 from avatarchat.engines.video.fmp4 import Fmp4Stream
@@ -79,15 +79,33 @@ class Timeline:
         return Piece(speech.text, audio, mouth_track(speech, self.fps, n_frames))
 
 
+def speech_track(renderer: AvatarRendererProtocol, audio_rate: int, fps: int) -> SpeechTrack | None:
+    """A new stream's speech track if ``renderer`` is driven by audio (Wav2Lip), else None."""
+    return SpeechTrack(audio_rate, fps) if wants_audio(renderer) else None
+
+
 def render_batch(
-    stream: Fmp4Stream, renderer: AvatarRenderer, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None,
-    hold: int = 1,
+    stream: Fmp4Stream, renderer: AvatarRendererProtocol, mouth: np.ndarray, first_frame: int, audio: np.ndarray | None,
+    hold: int = 1, speech: SpeechTrack | None = None,
 ) -> bytes:
     """Encode ``audio`` (if given) then one frame per mouth row; return the bytes produced. With ``hold`` > 1
     (overload), a face is rendered only every ``hold`` frames and shown until the next: the stream keeps
-    its frame rate and timing."""
+    its frame rate and timing. ``speech`` (see ``speech_track``): the stream's audio so far, for a renderer
+    driven by audio, which then renders the batch's faces in one call."""
     if audio is not None:
         stream.add_audio(audio)
+        if speech is not None:
+            speech.push(audio)
+    if speech is not None and len(mouth):
+        speech.begin(first_frame)
+        keys = [k for k in range(len(mouth)) if k == 0 or (first_frame + k) % hold == 0]
+        faces = dict(zip(keys, renderer.render_speech([first_frame + k for k in keys], mouth[keys], speech)))  # type: ignore[attr-defined]
+        face = faces[0]
+        for k in range(len(mouth)):
+            face = faces.get(k, face)
+            stream.add_frame(face)
+        speech.forget_before(first_frame)
+        return stream.take()
     image = None
     for k, row in enumerate(mouth):
         if image is None or (first_frame + k) % hold == 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avatarchat.engines.avatar.base import AvatarRendererProtocol
 from avatarchat.engines.avatar.face import AvatarModel, default_avatar_dir
 from avatarchat.engines.avatar.renderer import AvatarRenderer
 
@@ -26,11 +27,17 @@ class UnknownAvatarError(KeyError):
     pass
 
 
+RendererFactory = Callable[[AvatarModel], AvatarRendererProtocol]
+
+
 class AvatarLibrary:
-    def __init__(self, extra_dir: str | Path | None, fps: int, max_renderers: int = 8) -> None:
+    def __init__(self, extra_dir: str | Path | None, fps: int, max_renderers: int = 8,
+                 factory: RendererFactory | None = None) -> None:
+        """``factory`` makes an avatar's renderer (engines/registry.py's AVATAR_ENGINES); default: the warp renderer."""
         self._extra = Path(extra_dir) if extra_dir else None
         self._fps = fps
-        self._renderers: OrderedDict[str, AvatarRenderer] = OrderedDict()  # least recently used first
+        self._factory: RendererFactory = factory or (lambda model: AvatarRenderer(model, fps=fps))
+        self._renderers: OrderedDict[str, AvatarRendererProtocol] = OrderedDict()  # least recently used first
         self._max = max_renderers
         self._lock = threading.Lock()
         # The avatars whose renderers are never dropped (the app's: its sessions', say). Called in worker
@@ -52,7 +59,7 @@ class AvatarLibrary:
             found |= {p.parent.name for p in self._extra.glob("*/portrait.png") if valid_name(p.parent.name)}
         return sorted(found)
 
-    def renderer(self, name: str) -> AvatarRenderer:
+    def renderer(self, name: str) -> AvatarRendererProtocol:
         """The shared renderer for ``name``, built once (precomputation takes a moment) and kept while it is
         among the ``max_renderers`` last used (~7 MB each) or in use."""
         with self._lock:
@@ -60,7 +67,7 @@ class AvatarLibrary:
             if renderer is not None:
                 self._renderers.move_to_end(name)
                 return renderer
-            renderer = self._renderers[name] = AvatarRenderer(AvatarModel.load(self._dir(name)), fps=self._fps)
+            renderer = self._renderers[name] = self._factory(AvatarModel.load(self._dir(name)))
             if (excess := len(self._renderers) - self._max) > 0:
                 used = set(self.in_use())
                 for old in [n for n in self._renderers if n != name and n not in used][:excess]:

@@ -283,6 +283,14 @@ class AvatarRenderer:
         tx, ty, roll, blink = self._idle[frame_index % self.idle_period_frames]
         return float(tx), float(ty), float(roll), float(blink)
 
+    def mouth_shift(self, frame_index: int) -> tuple[int, int]:
+        """The idle head motion at the mouth in this frame, in whole pixels (at most PAD each way)."""
+        tx, ty, roll, _ = self.idle_state(frame_index)
+        c = self._mouth_center
+        ox = int(round(tx - roll * (c[1] - self._pivot[1])))
+        oy = int(round(ty + roll * (c[0] - self._pivot[0])))
+        return max(-PAD, min(PAD, ox)), max(-PAD, min(PAD, oy))
+
     def render(self, frame_index: int, mouth: np.ndarray | Sequence[float], out: np.ndarray | None = None) -> np.ndarray:
         opening, wide, press = (float(x) for x in mouth[:3])
         tx, ty, roll, blink = self.idle_state(frame_index)
@@ -291,10 +299,7 @@ class AvatarRenderer:
         my = cv2.scaleAdd(self._hw, ty, self._gy)
         my = cv2.scaleAdd(self._hx, roll, my)
         # The head moves the features: shift their fields by the head's motion at the mouth (whole px).
-        c = self._mouth_center
-        ox = int(round(tx - roll * (c[1] - self._pivot[1])))
-        oy = int(round(ty + roll * (c[0] - self._pivot[0])))
-        ox, oy = max(-PAD, min(PAD, ox)), max(-PAD, min(PAD, oy))
+        ox, oy = self.mouth_shift(frame_index)
 
         mrect = self._mouth_rect
         m_sl = mrect.within(self._roi)
