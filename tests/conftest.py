@@ -27,9 +27,11 @@ def upstream(openai_server: OpenAITestServer) -> Iterator[OpenAITestServer]:
 
 @pytest.fixture(scope="session")
 def live_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
-    """The real app with the embedded models, shared by the end-to-end tests."""
+    """The real app with the embedded models, shared by the end-to-end tests. Its admission is fixed: what it
+    admits must not depend on how busy the machine running the tests is (measured admission has its own tests)."""
     avatars = tmp_path_factory.mktemp("avatars")
-    settings = load_settings(session={"max_sessions": 4}, llm={"max_tokens": 60}, avatar={"dir": str(avatars)})
+    settings = load_settings(session={"max_sessions": 4, "admission": "fixed"}, llm={"max_tokens": 60},
+                             avatar={"dir": str(avatars)})
     app = LiveApp(settings).start()
     yield app
     app.stop()

@@ -37,6 +37,9 @@ def test_capacity_is_the_cores_over_the_cost_of_a_speaking_session(cpu: CpuSched
     assert capacity.sessions == 1  # never below one
     capacity.calibrated(busy_core_s=0.01, speech_s=1.0)
     assert capacity.sessions == 8  # never above the hard limit
+    fixed = Capacity(SessionConfig(max_sessions=8, admission="fixed"), cpu)
+    fixed.calibrated(busy_core_s=10.0, speech_s=1.0)
+    assert fixed.sessions == 8  # a provisioned deployment: the configured limit whatever the cost
 
 
 def test_live_cost_follows_the_work_the_scheduler_ran(cpu: CpuScheduler) -> None:

@@ -287,6 +287,10 @@ class SessionConfig(BaseModel):
         8, ge=1, description="Hard limit of concurrent sessions; the next gets error session_limit. Below it, the "
         "measured capacity admits sessions (server_busy beyond it).",
     )
+    admission: Literal["measured", "fixed"] = Field(
+        "measured", description="measured: admit what the measured CPU cost allows (within max_sessions); fixed: "
+        "admit up to max_sessions whatever the load (for a known, provisioned deployment).",
+    )
     target_utilization: float = Field(
         0.7, gt=0, le=1, description="Share of the cores that speaking sessions may use; the rest absorbs new turns.",
     )

@@ -76,7 +76,7 @@ class Capacity:
     def sessions(self) -> int:
         """Real-time conversations this process holds."""
         c = self._config
-        if self.cost is None or self.cost <= 0:
+        if c.admission == "fixed" or self.cost is None or self.cost <= 0:
             return c.max_sessions
         fit = math.floor(self._cpu.slots * c.target_utilization / self.cost)
         return max(1, min(c.max_sessions, fit))
