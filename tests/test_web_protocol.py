@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import httpx
 
 from avatarchat.server.ws import ProtocolError, parse_event
@@ -91,6 +93,13 @@ async def test_monitor_reports_turns_sessions_process_and_errors(live_app: LiveA
     m = httpx.get(live_app.http + "/api/monitor").json()
     assert m["ready"] is True and m["sessions"] >= 1 and m["max_sessions"] == live_app.settings.session.max_sessions
     assert m["rss_mb"] > 50 and m["cpu_percent"] >= 0 and m["cpu_count"] >= 1
+    # What a leak grows (bench/bench_soak.py): threads (this test shares the process), and a session's own
+    # socket and tasks (its receive loop and writer).
+    assert abs(m["threads"] - len(os.listdir("/proc/self/task"))) <= 2
+    d = await open_client(live_app)
+    more = httpx.get(live_app.http + "/api/monitor").json()
+    assert more["fds"] >= m["fds"] + 1 and more["tasks"] >= m["tasks"] + 2, (m, more)
+    await d.ws.close()
     assert m["errors"]["invalid_field"] >= 1 and m["errors_total"] >= m["errors"]["invalid_field"]
     assert m["frames_total"] > 0 and m["fps"] > 0 and m["target_fps"] == live_app.settings.avatar.fps
     assert isinstance(m["half_rate_batches"], dict)

@@ -143,7 +143,9 @@ class OpenAITestServer:
         return Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
 
     def start(self) -> OpenAITestServer:
-        sock = socket.socket()
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP. Without it a
+        # keep-alive request waited ~40 ms (Nagle against the client's delayed ACK) for its response's body.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self._app(), log_level="error", lifespan="off")

@@ -173,6 +173,9 @@ class Session:
         self._turn = turn
         self._playback = None
         self._asr_ms[turn.turn_id] = self.voice.last_asr_ms if (t0 is None and self.voice is not None) else None
+        # Here, not in the turn's task: a stop right behind the user_text cancels the task before its first step,
+        # and its turn_done must not be about a turn the client never saw start (found by tests/test_fuzz_ws.py).
+        await (self._gate or self.send).event("turn_start", turn_id=turn.turn_id, user_text=text)
         self._task = asyncio.create_task(self._run(turn), name=f"turn-{self.id[:8]}-{turn.turn_id}")
         return turn
 

@@ -152,9 +152,9 @@ class Turn:
         return TurnResult(reason, self.reply, spoken, self.media_ms, dict(self.timings))
 
     async def run(self) -> TurnResult:
-        """Run to the end. Raises TurnError on an engine failure, CancelledError when stopped."""
+        """Run to the end (the session has sent its turn_start). Raises TurnError on an engine failure, CancelledError
+        when stopped."""
         messages = self._history.messages(self.user_text)
-        await self._send.event("turn_start", turn_id=self.turn_id, user_text=self.user_text)
         texts: asyncio.Queue[str | None] = asyncio.Queue(self._s.pipeline.queue_size)
         pieces: asyncio.Queue[Piece | None] = asyncio.Queue(self._s.pipeline.queue_size)
         completed = False

@@ -83,7 +83,6 @@ async def tts_models(request: Request) -> dict[str, Any]:
     return await _service(request).tts_models()
 
 
-@router.api_route("/webrtc/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def webrtc(request: Request, path: str) -> dict[str, Any]:
     """Signalling: only the avatar service's known routes pass (services/webrtc.py's allow-list)."""
     raw = request.scope.get("raw_path") or request.scope["path"].encode()
@@ -100,3 +99,8 @@ async def webrtc(request: Request, path: str) -> dict[str, Any]:
     except ValueError as e:
         raise WebRTCError(400, "the body must be JSON") from e
     return await service.webrtc_offer(check_offer(parsed))
+
+
+# One route per method: one api_route with five methods gave the schema five operations with one operationId.
+for _method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+    router.add_api_route("/webrtc/{path:path}", webrtc, methods=[_method], operation_id=f"webrtc_{_method.lower()}")

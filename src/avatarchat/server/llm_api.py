@@ -25,8 +25,9 @@ class Message(BaseModel):
 
 class ChatBody(BaseModel):
     messages: list[Message] = Field(min_length=1, max_length=64)
-    max_tokens: int | None = Field(None, ge=1, le=8192)
-    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # NaN: "finite number", not "≤ 2"
+    # Strict: "temperature": false or "max_tokens": "9" is a client's mistake, not 0.0 or 9 (as the schema says).
+    max_tokens: int | None = Field(None, ge=1, le=8192, strict=True)
+    temperature: float | None = Field(None, ge=0, le=2, strict=True, allow_inf_nan=False)  # NaN: "finite number"
 
     def plain(self) -> list[dict[str, str]]:
         return [m.model_dump() for m in self.messages]

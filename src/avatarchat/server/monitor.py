@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -32,10 +33,13 @@ def _capacity(request: Request) -> dict[str, Any]:
 
 @router.get("/monitor")
 async def monitor(request: Request, turns: int = Query(50, ge=1, le=200)) -> dict[str, Any]:
-    """Process CPU % (since the previous call) and RSS, sessions, render fps, errors and the last turns' latencies."""
+    """Process CPU % (since the previous call), RSS, threads, open fds and asyncio tasks (what a leak grows: see
+    bench/bench_soak.py), sessions, render fps, errors and the last turns' latencies."""
     with _PROCESS.oneshot():
         cpu = _PROCESS.cpu_percent(interval=None)
         rss = _PROCESS.memory_info().rss
+        threads = _PROCESS.num_threads()
+    fds = _PROCESS.num_fds()
     errors = {labels["code"]: int(v) for labels, v in _samples(metrics.ERRORS, "_total")}
     turn_reasons = {labels["reason"]: int(v) for labels, v in _samples(metrics.TURNS, "_total")}
     fps = _samples(metrics.RENDER_FPS)
@@ -49,6 +53,9 @@ async def monitor(request: Request, turns: int = Query(50, ge=1, le=200)) -> dic
         "cpu_percent": round(cpu, 1),
         "cpu_count": psutil.cpu_count() or 1,
         "rss_mb": round(rss / 2**20, 1),
+        "threads": threads,  # the process's, native ones (ONNX Runtime, OpenMP, ...) included
+        "fds": fds,
+        "tasks": len(asyncio.all_tasks()),
         "fps": round(fps[0][1], 1) if fps else 0.0,
         "target_fps": request.app.state.settings.avatar.fps,
         "frames_total": int(sum(v for _, v in _samples(metrics.FRAMES, "_total"))),

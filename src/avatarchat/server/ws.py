@@ -7,6 +7,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import socket
 import struct
 import time
@@ -161,13 +162,23 @@ def _cap_kernel_buffer(ws: WebSocket, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
+def _finite(token: str) -> float:
+    """NaN, Infinity and 1e400 are not JSON (RFC 8259): echoed in a ``pong``, a browser's JSON.parse would throw."""
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"{token[:24]} is not a finite number")
+    return value
+
+
 def parse_event(text: str, max_chars: int) -> dict[str, Any]:
     try:
-        event = json.loads(text)
+        event = json.loads(text, parse_float=_finite, parse_constant=_finite)
     except json.JSONDecodeError as e:
         raise ProtocolError("bad_json", f"not valid JSON: {e.msg} at position {e.pos}") from e
     except ValueError as e:  # e.g. an integer literal past Python's 4,300-digit conversion limit
         raise ProtocolError("bad_json", f"not valid JSON: {str(e)[:120]}") from e
+    except RecursionError as e:  # nesting past Python's recursion limit ("[[[[…", found by tests/test_fuzz_ws.py)
+        raise ProtocolError("bad_json", "not valid JSON here: nested too deeply") from e
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
         raise ProtocolError("bad_event", 'an event must be a JSON object with a string "type"')
     try:  # "\ud800" is valid JSON but not text: it could be neither spoken nor sent back
@@ -185,7 +196,9 @@ def parse_event(text: str, max_chars: int) -> dict[str, Any]:
         if event.get("sample_rate", 16000) != 16000 or event.get("format", "pcm_s16le") != "pcm_s16le":
             raise ProtocolError("invalid_field", "mic audio must be 16000 Hz mono pcm_s16le")
     elif kind == "playback":
-        if not isinstance(event.get("turn_id"), int) or not isinstance(event.get("position_ms"), int | float):
+        position = event.get("position_ms")
+        # Bounded: an integer past float range (10**400) made float() raise (found by tests/test_fuzz_ws.py).
+        if not isinstance(event.get("turn_id"), int) or not isinstance(position, int | float) or abs(position) > 2**53:
             raise ProtocolError("invalid_field", "playback needs an integer 'turn_id' and a number 'position_ms'")
         if not isinstance(event.get("playing", True), bool):
             raise ProtocolError("invalid_field", "playback 'playing' must be a boolean")

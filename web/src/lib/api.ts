@@ -118,6 +118,9 @@ export interface MonitorData {
   cpu_percent: number;
   cpu_count: number;
   rss_mb: number;
+  threads: number; // what a leak grows (bench/bench_soak.py): process threads, open fds, asyncio tasks
+  fds: number;
+  tasks: number;
   fps: number;
   target_fps: number;
   frames_total: number;
