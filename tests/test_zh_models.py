@@ -186,3 +186,19 @@ def test_the_mouth_closes_for_m_and_rounds_for_u() -> None:
     assert at("a")[OPEN] > at("m")[OPEN] + 0.2
     assert at("u")[WIDE] < -0.3 < at("a")[WIDE]
     assert track[0][OPEN] < 0.05  # silence before: closed
+
+
+def test_every_profile_has_its_probe_and_calibration_phrases() -> None:
+    """A profile whose voice cannot say the English phrases gets its own (`make run` probes every engine)."""
+    from avatarchat.config import PROFILES
+    from avatarchat.pipeline.capacity import _CALIBRATION
+    from avatarchat.probe import _PHRASES
+
+    assert set(_PHRASES) == set(_CALIBRATION) == set(PROFILES)
+    for profile in ("zh",):
+        assert all(pinyin_free(p) for p in (*_PHRASES[profile], *_CALIBRATION[profile]))
+
+
+def pinyin_free(text: str) -> bool:
+    """Chinese text the Mandarin voice can say in full (no Latin letters)."""
+    return bool(text) and not any("a" <= ch.lower() <= "z" for ch in text)

@@ -347,7 +347,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         # LLM writes ~15 tokens/s on 2 cores, so each character it need not wait for is ~50 ms sooner.
         "pipeline": {"first_piece_max_words": 4, "first_piece_min_words": 2},
         "llm": {
-            "llama_cpp": {"model": "qwen2.5-coder-0.5b"},
+            # One thread: on 2 shared cores, two threads of this 4x larger model stalled at their barriers
+            # whenever other processes ran (end of speech -> first video p50 1985 ms, p95 9224 ms, against
+            # 1237 / 1433 ms with one; BENCHMARKS.md "Chinese").
+            "llama_cpp": {"model": "qwen2.5-coder-0.5b", "n_threads": 1, "n_threads_batch": 1},
             "system_prompt": "你是Ava，一个友好的会说话的数字人。请始终用简体中文回答，只说一到三句简短的口语句子。"
                              "不要列表，不要markdown，不要表情符号，不要写代码。",
         },
