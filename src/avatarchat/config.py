@@ -149,7 +149,10 @@ class EspeakConfig(BaseModel):
 
 
 class ZhTTSConfig(BaseModel):
-    threads: int = Field(2, ge=1, description="LiteRT threads per synthesis.")
+    threads: int = Field(
+        1, ge=1, description="LiteRT threads per synthesis. One: the CPU scheduler already runs a unit per core, "
+        "and two threads waited for each other whenever other work ran (p95 611-1196 ms vs 220-511 ms a piece).",
+    )
 
 
 class TTSConfig(BaseModel):
