@@ -81,3 +81,13 @@ def test_whisper_base_writes_simplified_mandarin(prompt: str | None) -> None:
         assert char_error_rate(text, got) <= 0.2, (text, got)
         assert not set(got) & set("書歡車學圖館們這輛開"), got
         assert hanzi(got)
+
+
+def test_the_start_up_probes_pass_with_the_zh_profile() -> None:
+    """`make run` first probes every engine in a child: the Mandarin voice must be given Mandarin to say."""
+    from avatarchat.probe import run_probes
+
+    results = run_probes(load_settings(profile="zh"), ("tts", "asr", "vad"), timeout_s=240)
+    assert all(r.ok for r in results), results
+    asr = next(r for r in results if r.name == "asr")
+    assert hanzi(asr.detail), asr.detail

@@ -118,7 +118,7 @@ def probe_vad(s: Settings) -> str:
     stream = vad.stream()
     silence = max(stream.push(np.zeros(8000, np.float32)), default=0.0)
     stream.reset()
-    speech = max(stream.push(_clip16k(s, "Hello world, how are you today?")), default=0.0)
+    speech = max(stream.push(_clip16k(s, _PHRASES[s.profile][1])), default=0.0)
     if speech <= silence:
         raise RuntimeError(f"speech probability {speech:.2f} is not above silence's {silence:.2f}")
     return f"{s.vad.engine}: speech {speech:.2f}, silence {silence:.2f}"
