@@ -16,6 +16,7 @@ from avatarchat.engines.avatar.visemes import OPEN, PRESS, WIDE, _target, mouth_
 from avatarchat.engines.tts import pinyin
 from avatarchat.engines.types import Speech
 from avatarchat.models import QWEN_05B, SPLIT_MODELS, WHISPER_BASE, ModelFileError, Piece, join_verified
+from avatarchat.models import main as models_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,8 +79,12 @@ def test_the_installed_pieces_are_the_pinned_ones() -> None:
     assert len(QWEN_05B.files[0].pieces) == 6 and len(WHISPER_BASE.files[0].pieces) == 2
 
 
-def test_ensure_joins_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ensure_joins_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("AVATARCHAT_CACHE", str(tmp_path))
+    assert models_main(["faster-whisper-base"]) == 0  # what setup.sh runs
+    assert "sha256 checked" in capsys.readouterr().out
+    assert models_main(["no-such-model"]) == 2
     path = WHISPER_BASE.ensure()
     assert path == tmp_path / "models" / "faster-whisper-base"
     assert {p.name for p in path.iterdir() if not p.name.endswith(".sha256")} == {

@@ -173,7 +173,10 @@ SPLIT_MODELS: dict[str, SplitModel] = {m.name: m for m in (WHISPER_BASE, QWEN_05
 def main(argv: list[str] | None = None) -> int:
     names = (argv if argv is not None else sys.argv[1:]) or list(SPLIT_MODELS)
     for name in names:
-        model = SPLIT_MODELS[name]
+        model = SPLIT_MODELS.get(name)
+        if model is None:
+            print(f"error: no split model {name!r}; known: {', '.join(SPLIT_MODELS)}", file=sys.stderr)
+            return 2
         try:
             path = model.ensure()
         except ModelFileError as e:
