@@ -378,8 +378,8 @@ class Settings(BaseSettings):
     profile: Literal["en", "zh"] = Field(
         "en", description="Language profile: en (the English engines) or zh (Mandarin speech recognition, the "
         "Mandarin voice with lip-sync, the bilingual Qwen LLM answering in Chinese). It sets the defaults of "
-        "asr.model/language/simplified, tts.engine, llm.llama_cpp.model, llm.system_prompt and the first "
-        "piece's length (pipeline.first_piece_max_words/min_words).",
+        "asr.model/language/simplified, tts.engine, llm.llama_cpp.model/n_threads/n_threads_batch, "
+        "llm.system_prompt and the first piece's length (pipeline.first_piece_max_words/min_words).",
     )
     server: ServerConfig = ServerConfig()
     llm: LLMConfig = LLMConfig()
