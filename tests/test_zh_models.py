@@ -110,6 +110,9 @@ def test_zh_profile_is_one_setting_and_explicit_settings_win(tmp_path: Path, mon
     assert (s.tts.engine, s.tts.espeak.voice, s.asr.model, s.asr.beam_size) == ("espeak", "cmn", "base", 2)
     monkeypatch.setenv("AVATARCHAT_PROFILE", "zh")
     assert load_settings().llm.llama_cpp.model == "qwen2.5-coder-0.5b"
+    monkeypatch.setenv("AVATARCHAT_PROFILE", "auto")
+    auto = load_settings()
+    assert (auto.asr.language, auto.asr.detect_among, auto.tts.engine) == (None, ["zh", "en"], "bilingual")
 
 
 def test_the_english_default_loads_nothing_chinese() -> None:

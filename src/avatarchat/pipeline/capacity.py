@@ -115,6 +115,7 @@ _CALIBRATION = {
     "en": (CALIBRATION_TEXT, "Tell me a story about the sea."),
     "zh": ("谢谢你的提问。这是一个简短的回答，用平常的语速说出来，用来测量开销。", "给我讲一个关于大海的故事。"),
 }
+_CALIBRATION["auto"] = _CALIBRATION["zh"]  # the costlier voice
 _TOKENS_PER_SPEECH_S = 3.5  # ~2.7 spoken words a second, ~1.3 tokens a word
 
 

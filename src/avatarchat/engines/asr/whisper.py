@@ -42,7 +42,9 @@ class WhisperEngine:
         self._config = config
         self._model: Any = None
         self._tokenizer: Any = None
+        self._tokenizers: dict[str, Any] = {}  # per language, when it is detected among asr.detect_among
         self._t2s: Any = None
+        self.last_language: str | None = None  # of the last transcript (for tests and logs)
 
     def load(self) -> None:
         from faster_whisper import WhisperModel
@@ -57,8 +59,13 @@ class WhisperEngine:
         except Exception as e:  # CTranslate2 raises RuntimeError for a bad directory
             raise ASRError(f"cannot load the faster-whisper model at {path}: {e}") from e
         multilingual = bool(self._model.model.is_multilingual)
-        language = self._config.language if multilingual else "en"
+        # Detecting (language null): the per-language tokenizers below, or faster-whisper's own; this one
+        # must still name a language.
+        language = (self._config.language or (self._config.detect_among or ["en"])[0]) if multilingual else "en"
         self._tokenizer = Tokenizer(self._model.hf_tokenizer, multilingual, task="transcribe", language=language)
+        if multilingual and not self._config.language:
+            self._tokenizers = {lang: Tokenizer(self._model.hf_tokenizer, True, task="transcribe", language=lang)
+                                for lang in self._config.detect_among}
         if self._config.simplified:
             from opencc import OpenCC
 
@@ -74,7 +81,7 @@ class WhisperEngine:
             raise ASRError("the ASR model is not loaded")
         c = self._config
         seconds = len(audio) / self.sample_rate
-        detect = self._model.model.is_multilingual and not c.language
+        detect = self._model.model.is_multilingual and not c.language and not self._tokenizers
         if seconds + c.window_margin_s < 30 and c.min_window_s < 30 and not detect:
             return self._transcribe_window(audio)
         try:
@@ -104,12 +111,22 @@ class WhisperEngine:
         k = min(n, features.shape[1])
         window[0, :, :k] = features[:, :k]
         tok = self._tokenizer
+        features_in = ctranslate2.StorageView.from_array(window)
+        if self._tokenizers:  # language: null with detect_among: the likeliest of those, per utterance
+            try:
+                features_in = self._model.model.encode(features_in, to_cpu=False)  # encoded once, used twice
+                scores = dict(self._model.model.detect_language(features_in)[0])
+            except Exception as e:
+                raise ASRError(f"language detection failed: {e}") from e
+            lang = max(self._tokenizers, key=lambda code: scores.get(f"<|{code}|>", 0.0))
+            tok = self._tokenizers[lang]
+            self.last_language = lang
         prompt = list(tok.sot_sequence) + [tok.no_timestamps]
         if c.initial_prompt:  # as faster-whisper does: previous text after <|startofprev|>
             prompt = [tok.sot_prev] + tok.encode(" " + c.initial_prompt.strip())[-223:] + prompt
         try:
             result = self._model.model.generate(
-                ctranslate2.StorageView.from_array(window),
+                features_in,
                 [prompt],
                 beam_size=c.beam_size,
                 max_length=min(224, int(len(audio) / self.sample_rate * 8) + 24),  # no runaway repetition
