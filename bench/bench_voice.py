@@ -49,8 +49,9 @@ def voiced_end(audio: np.ndarray) -> int:
     return int(loud[-1]) + 1 if len(loud) else len(audio)
 
 
-async def one(ws, text: str, turn_hint: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    speech = piper_16k(text)
+async def one(ws, text: str, turn_hint: int, speech: np.ndarray | None = None) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """One spoken question (``speech``, by default Piper saying ``text``) and its reply's timings."""
+    speech = piper_16k(text) if speech is None else speech
     cut = voiced_end(speech)
     got: dict[str, float] = {}
     transcript: dict = {}

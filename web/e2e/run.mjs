@@ -231,6 +231,26 @@ const tests = {
     await context.close();
   },
 
+  async chinese_ui_from_the_browser_and_switched_in_settings(browser) {
+    const { page, context, errors } = await openApp(browser, BASE, { locale: "zh-CN" });
+    assert.equal(await page.innerText("[data-testid=nav-chat]"), "对话");
+    assert.equal((await page.innerText("[data-testid=send]")).replace(/\s/g, ""), "发送"); // Ant spaces two-character labels
+    assert.equal(await page.getAttribute("html", "lang"), "zh-CN");
+    await page.click("[data-testid=open-settings]");
+    await page.waitForSelector("[data-testid=settings]");
+    assert.match(await page.innerText(".ant-drawer"), /界面语言/);
+    await shot(page, "settings-zh");
+    await page.click("[data-testid=set-ui-language]");
+    await page.click(".ant-select-dropdown .ant-select-item-option[title=English]");
+    await page.waitForFunction(() => document.querySelector("[data-testid=send]")?.textContent?.trim() === "Send");
+    assert.match(await page.innerText(".ant-drawer"), /Interface language/);
+    await page.reload(); // the choice is kept in this browser, over its language
+    await page.waitForFunction(() => window.avatarChat && window.avatarChat.sessionId, null, { timeout: 60_000 });
+    assert.equal(await page.innerText("[data-testid=nav-chat]"), "Chat");
+    assert.deepEqual(errors, []);
+    await context.close();
+  },
+
   async phone_viewport(browser) {
     const { page, context } = await openApp(browser, BASE, { viewport: { width: 390, height: 844 } });
     const fits = async (sel) => {

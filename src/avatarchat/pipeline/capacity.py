@@ -110,6 +110,12 @@ class Capacity:
 
 
 CALIBRATION_TEXT = "Thanks for asking. Here is a short answer, spoken at an ordinary pace, to measure the cost."
+# The same in the zh profile's language (its voice says nothing of Latin text), and the question asked.
+_CALIBRATION = {
+    "en": (CALIBRATION_TEXT, "Tell me a story about the sea."),
+    "zh": ("谢谢你的提问。这是一个简短的回答，用平常的语速说出来，用来测量开销。", "给我讲一个关于大海的故事。"),
+}
+_CALIBRATION["auto"] = _CALIBRATION["zh"]  # the costlier voice
 _TOKENS_PER_SPEECH_S = 3.5  # ~2.7 spoken words a second, ~1.3 tokens a word
 
 
@@ -121,10 +127,11 @@ async def calibrate_capacity(engines: Engines, *, render: bool = True) -> None:
     from avatarchat.pipeline.media import Timeline, render_batch, speech_track
 
     s = engines.settings
+    text, question = _CALIBRATION[s.profile]
 
     def speak_and_render() -> tuple[float, float]:
         start = time.perf_counter()
-        speech = engines.tts.synthesize(CALIBRATION_TEXT)
+        speech = engines.tts.synthesize(text)
         if render:
             renderer = engines.avatars.renderer(s.avatar.default)
             width, height = renderer.size
@@ -148,7 +155,7 @@ async def calibrate_capacity(engines: Engines, *, render: bool = True) -> None:
         start = engines.cpu.busy_seconds()
         want = max(4, round(seconds * _TOKENS_PER_SPEECH_S))
         messages = [{"role": "system", "content": s.llm.system_prompt},
-                    {"role": "user", "content": "Tell me a story about the sea."}]
+                    {"role": "user", "content": question}]
         async for _ in engines.llm.stream(messages, max_tokens=want, temperature=0.6):
             pass
         busy += engines.cpu.busy_seconds() - start

@@ -1,4 +1,5 @@
 // The avatar service API (/api/avatar/list|preview|add|delete|start) and the monitor endpoint.
+import { t } from "../i18n";
 
 export interface AvatarInfo {
   name: string;
@@ -21,12 +22,12 @@ export class ApiError extends Error {
 
 /** Client-side checks before an upload; the server checks again and its 4xx message is shown as is. */
 export function checkUpload(name: string, file: { name: string; type: string; size: number } | null, maxBytes = MAX_UPLOAD_BYTES): string | null {
-  if (!NAME_RE.test(name)) return "Give the avatar a name: letters, digits, - and _, up to 64 characters.";
-  if (!file) return "Choose a portrait image.";
+  if (!NAME_RE.test(name)) return t("avatars.badName");
+  if (!file) return t("avatars.noFile");
   const looksImage = IMAGE_TYPES.includes(file.type) || (!file.type && /\.(png|jpe?g|webp)$/i.test(file.name));
-  if (!looksImage) return `“${file.name}” is not an image: upload a PNG, JPEG or WebP portrait.`;
-  if (file.size > maxBytes) return `“${file.name}” is ${(file.size / 2 ** 20).toFixed(1)} MB; the limit is ${(maxBytes / 2 ** 20).toFixed(0)} MB.`;
-  if (file.size === 0) return `“${file.name}” is empty.`;
+  if (!looksImage) return t("avatars.notImage", { file: file.name });
+  if (file.size > maxBytes) return t("avatars.tooBig", { file: file.name, mb: (file.size / 2 ** 20).toFixed(1), limit: (maxBytes / 2 ** 20).toFixed(0) });
+  if (file.size === 0) return t("avatars.empty", { file: file.name });
   return null;
 }
 

@@ -2,6 +2,7 @@
 // It writes what the person sees into a reactive `ChatUi` (the Pinia store's state); the transcript
 // lives there, so it survives reconnections.
 
+import { t } from "../i18n";
 import { AvatarPlayer } from "./player";
 import { openMic, MicDeniedError, type MicHandle } from "./mic";
 import {
@@ -249,7 +250,7 @@ export class ChatClient {
     this.add("user", text);
     if (!this.send({ type: "user_text", text })) {
       this.pending.push(text);
-      this.note("Offline: the message will be sent when the connection is back.");
+      this.note(t("chat.offline"));
     }
   }
 

