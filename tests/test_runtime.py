@@ -163,3 +163,15 @@ def test_make_run_refuses_to_start_when_an_engine_fails(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "FAILED  engine llm works" in proc.stdout and "missing.gguf" in proc.stdout
     assert "not starting" in proc.stderr and "Uvicorn running" not in proc.stderr
+
+
+def test_openmp_threads_wait_passively() -> None:
+    """Spinning OpenMP threads made a decode step wait for a descheduled spinner whenever another process
+    had a core (SmolLM2: 40 tokens in 26-58 s instead of 0.9 s). The runtime asks for passive waiting."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.environ.pop('OMP_WAIT_POLICY', None); from avatarchat.engines.llm.runtime import ensure_backends;"
+            "ensure_backends(); print(os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "PASSIVE", out.stderr[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ def step(what: str) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before any engine loads an OpenMP runtime (see engines/llm/runtime.py): idle threads sleep, not spin.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="avatarchat", description=__doc__)
     parser.add_argument("--config", help="YAML config file (default: $AVATARCHAT_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -64,6 +64,11 @@ def ensure_backends() -> RuntimeInfo:
     Must run before a model is loaded. Raises RuntimeError when no variant suits the CPU.
     """
     global _info
+    # The CPU variants are built with OpenMP, whose idle threads spin at each barrier by default. With
+    # another process on a core, a decode step then waits for a descheduled spinner: 40 tokens took
+    # 26-58 s instead of 0.9 s (SmolLM2, 2 threads, one core busy elsewhere). Passive waiting sleeps.
+    # Read by libgomp when it loads, i.e. with the first variant below; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with _lock:
         if _info is not None:
             return _info
