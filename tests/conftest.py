@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -7,6 +8,10 @@ import pytest
 from avatarchat.config import load_settings
 from tests.support.live_app import LiveApp
 from tests.support.openai_server import Behaviour, OpenAITestServer
+
+# The session memory ceiling reads the process's RSS, and this process hosts every test's app (the zh
+# profile's models, the Wav2Lip engine, the fuzzers' apps...): past 6 GB, later apps refused every session.
+os.environ.setdefault("AVATARCHAT_SESSION__MEMORY_CEILING_MB", str(1 << 17))
 
 
 @pytest.fixture(scope="session")
