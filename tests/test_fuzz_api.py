@@ -6,7 +6,8 @@ request (each has a timeout), a response conforms to the schema wherever the sch
 that breaks the schema is refused with a 4xx. Bounded and repeatable: a fixed seed, derandomized, a fixed
 number of examples per operation (about 25 s in all on 2 cores).
 
-The schema is the app's own (``create_app(...).openapi()``, needed when tests are collected);
+The schema is the app's own (``create_app(...).openapi()``), needed when tests are collected: Schemathesis's
+lazy loader (``schemathesis.pytest.from_fixture``) fails on pytest 9.2 (it sets ``node._nodeid``, gone).
 ``test_the_schema_is_the_live_apps`` checks it is the one the live app serves. The render API (role
 ``avatar``) is internal and not in any schema: tests/test_remote_render.py covers it.
 """

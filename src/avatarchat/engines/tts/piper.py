@@ -5,6 +5,7 @@ The voice model is patched in memory to output phoneme durations, which drive th
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,57 @@ import numpy as np
 from avatarchat.config import PiperConfig
 from avatarchat.engines.tts.base import TTSError
 from avatarchat.engines.types import PhonemeTiming, Speech
+
+log = logging.getLogger(__name__)
+
+
+# espeak-ng's clause terminators (its translate.h), as piper's espeakbridge.c reads them.
+_CLAUSE_SENTENCE = 0x00080000
+_TERMINATORS = {40 | _CLAUSE_SENTENCE: ".", 40 | 0x2000 | _CLAUSE_SENTENCE: "?", 45 | 0x3000 | _CLAUSE_SENTENCE: "!",
+                20 | 0x1000 | 0x00040000: ",", 30 | 0x00040000: ":", 30 | 0x1000 | 0x00040000: ";"}
+
+
+def fix_phoneme_leak() -> None:
+    """piper-tts 1.8.0's ``espeakbridge.get_phonemes`` leaks every (phonemes, terminator, end) tuple it returns
+    (``PyList_Append(list, Py_BuildValue(...))`` without a decref): ~0.35 KB per piece spoken, for the life of the
+    process (found by bench/bench_soak.py). Where the leak is seen (a returned tuple has a reference too many), the
+    same loop over espeak-ng, whose functions that .so exports, is called through ctypes instead; ``PyDLL`` keeps
+    the GIL across each call, as the C function does."""
+    import ctypes
+    import sys
+
+    from piper import espeakbridge
+
+    original = espeakbridge.get_phonemes
+    if hasattr(original, "__wrapped__"):
+        return
+    probe = original("a.")
+    if sys.getrefcount(probe[0]) <= 2:  # the list's and getrefcount's own: a piper without the leak
+        return
+    try:
+        to_phonemes = ctypes.PyDLL(espeakbridge.__file__).espeak_TextToPhonemesWithTerminator
+    except (OSError, AttributeError):
+        log.warning("piper's espeakbridge leaks, and its espeak-ng is not reachable to work around it")
+        return
+    to_phonemes.restype = ctypes.c_char_p
+    to_phonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+
+    def get_phonemes(text: str) -> list[tuple[str, str, bool]]:
+        if "\x00" in text:
+            raise ValueError("embedded null character")  # as the C function's "s" argument refuses it
+        buf = ctypes.create_string_buffer(text.encode("utf-8"))
+        pos = ctypes.c_void_p(ctypes.addressof(buf))
+        out = []
+        while pos.value:  # espeak-ng sets it to NULL after the last clause
+            terminator = ctypes.c_int(0)
+            phonemes = to_phonemes(ctypes.byref(pos), 0, 0x02, ctypes.byref(terminator))  # espeakCHARS_AUTO, IPA
+            t = terminator.value & 0x000FFFFF
+            out.append(((phonemes or b"").decode("utf-8"), _TERMINATORS.get(t, ""),
+                        t & _CLAUSE_SENTENCE == _CLAUSE_SENTENCE))
+        return out
+
+    get_phonemes.__wrapped__ = original  # type: ignore[attr-defined]
+    espeakbridge.get_phonemes = get_phonemes
 
 
 def default_voice_paths() -> tuple[Path, Path]:
@@ -74,6 +126,7 @@ class PiperEngine:
         config = VoiceConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
         self._voice = PiperVoice(session=session, config=config)
         self.synthesize("Ready.")  # first run allocates; keep that off the first turn
+        fix_phoneme_leak()  # after a first synthesis: espeak-ng is initialized, a voice set
 
     @property
     def sample_rate(self) -> int:
