@@ -1,4 +1,4 @@
-from avatarchat.pipeline.history import History, approx_tokens
+from avatarchat.pipeline.history import History, approx_tokens, script_language, with_language_cue
 
 
 def test_messages_start_with_system_prompt_and_end_with_user() -> None:
@@ -44,3 +44,13 @@ def test_replace_last_reply_keeps_only_what_was_heard() -> None:
     assert h.replace_last_reply("")  # nothing was heard: the reply goes
     assert [m.role for m in h.turns] == ["user"]
     assert not h.replace_last_reply("x")  # the newest message is the user's: nothing to replace
+
+
+def test_language_cue_follows_the_script_of_the_message() -> None:
+    assert script_language("请问上海有什么好吃的？") == "zh"
+    assert script_language("What is your favorite color?") == "en"
+    assert script_language("我喜欢 Python 和 Vue") == "zh"  # mostly hanzi: one Latin word does not switch it
+    assert script_language("I love 北京 so much, really") == "en"
+    assert script_language("") == "en"
+    assert with_language_cue("Hi there").endswith("(Answer in English.)")
+    assert with_language_cue("你好").endswith("（请用简体中文回答。）")

@@ -105,10 +105,11 @@ async def test_auto_profile_answers_each_language_in_its_own(auto_app: LiveApp) 
         reply = done["text"]
         if lang == "zh":
             assert char_error_rate(question, final["text"]) <= 0.25, final
-            assert len(hanzi(reply)) >= 4, reply
+            assert len(hanzi(reply)) >= 4, (final["text"], reply)
         else:
             assert word_match(question, final["text"]) >= 0.7, final
-            assert not hanzi(reply) and sum(ch.isascii() and ch.isalpha() for ch in reply) >= 8, reply
+            english = not hanzi(reply) and sum(ch.isascii() and ch.isalpha() for ch in reply) >= 8
+            assert english, (final["text"], reply)
         assert c.media_at.get(start["turn_id"])
     assert auto_app.app.state.engines.asr.engine.last_language == "en"
     await c.close()

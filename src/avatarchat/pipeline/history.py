@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,6 +14,21 @@ def approx_tokens(text: str) -> int:
     """A tokenizer-free estimate: ~4 chars per token for Latin text, one per CJK character."""
     cjk = sum(1 for ch in text if "\u3400" <= ch <= "\u9fff")
     return cjk + (len(text) - cjk + 3) // 4 + 1
+
+
+_CUES = {"zh": "\n（请用简体中文回答。）", "en": "\n(Answer in English.)"}
+
+
+def script_language(text: str) -> str:
+    """"zh" when the CJK ideographs outnumber the Latin words (a hanzi is about a word), else "en"."""
+    cjk = sum(1 for ch in text if "\u3400" <= ch <= "\u9fff")
+    words = len(re.findall(r"[A-Za-z]+", text))
+    return "zh" if cjk and cjk >= words else "en"
+
+
+def with_language_cue(text: str) -> str:
+    """``text`` with a line asking for the answer in its own language."""
+    return text + _CUES[script_language(text)]
 
 
 @dataclass

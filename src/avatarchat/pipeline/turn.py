@@ -21,7 +21,7 @@ from avatarchat.engines.llm.base import LLMEngine, LLMError
 from avatarchat.engines.tts.base import TTSEngine, TTSError
 from avatarchat.pipeline.avatar_media import AvatarMedia, MediaError, MediaStream
 from avatarchat.pipeline.capacity import Capacity
-from avatarchat.pipeline.history import History
+from avatarchat.pipeline.history import History, with_language_cue
 from avatarchat.pipeline import scheduler as sched
 from avatarchat.pipeline.media import Piece, Timeline, speakable
 from avatarchat.pipeline.segmenter import Segmenter
@@ -154,7 +154,8 @@ class Turn:
     async def run(self) -> TurnResult:
         """Run to the end (the session has sent its turn_start). Raises TurnError on an engine failure, CancelledError
         when stopped."""
-        messages = self._history.messages(self.user_text)
+        asked = with_language_cue(self.user_text) if self._s.llm.language_cue else self.user_text
+        messages = self._history.messages(asked)
         texts: asyncio.Queue[str | None] = asyncio.Queue(self._s.pipeline.queue_size)
         pieces: asyncio.Queue[Piece | None] = asyncio.Queue(self._s.pipeline.queue_size)
         completed = False
