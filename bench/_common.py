@@ -77,3 +77,19 @@ def dump(name: str, data: dict[str, Any]) -> None:
     os.makedirs("bench/results", exist_ok=True)
     with open(f"bench/results/{name}.json", "w") as f:
         json.dump({"machine": machine(), **data}, f, indent=2)
+
+
+def one_core_speech(text: str) -> Any:
+    """Piper's speech of ``text``; then this process is pinned to one core, OpenCV to one thread, so that
+    render and encode figures are per core."""
+    import cv2
+
+    from avatarchat.config import PiperConfig
+    from avatarchat.engines.tts.piper import PiperEngine
+
+    tts = PiperEngine(PiperConfig())
+    tts.load()
+    speech = tts.synthesize(text)
+    os.sched_setaffinity(0, {0})
+    cv2.setNumThreads(1)
+    return speech

@@ -13,15 +13,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import time  # noqa: E402
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _common import dump, machine  # noqa: E402
-from avatarchat.config import PiperConfig  # noqa: E402
+from _common import dump, machine, one_core_speech  # noqa: E402
 from avatarchat.engines.avatar.face import AvatarModel, default_avatar_dir  # noqa: E402
 from avatarchat.engines.avatar.renderer import AvatarRenderer  # noqa: E402
 from avatarchat.engines.avatar.visemes import mouth_track  # noqa: E402
-from avatarchat.engines.tts.piper import PiperEngine  # noqa: E402
 from avatarchat.engines.video.fmp4 import Fmp4Stream  # noqa: E402
 
 TEXT = ("Hello there! I am your avatar, and I am happy to talk with you about anything you like. "
@@ -33,11 +30,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    tts = PiperEngine(PiperConfig())
-    tts.load()
-    speech = tts.synthesize(TEXT)
-    os.sched_setaffinity(0, {0})
-    cv2.setNumThreads(1)
+    speech = one_core_speech(TEXT)
     renderer = AvatarRenderer(AvatarModel.load(default_avatar_dir()))
     n_speech = int(speech.duration * 25)
     mouth = mouth_track(speech, 25, n_speech)

@@ -21,15 +21,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import dump, machine  # noqa: E402
-from avatarchat.config import PiperConfig  # noqa: E402
+from _common import dump, machine, one_core_speech  # noqa: E402
 from avatarchat.engines.avatar.face import AvatarModel, default_avatar_dir  # noqa: E402
 from avatarchat.engines.avatar.wav2lip import Wav2LipRenderer, load_model  # noqa: E402
-from avatarchat.engines.tts.piper import PiperEngine  # noqa: E402
 from avatarchat.engines.video.fmp4 import Fmp4Stream  # noqa: E402
 from avatarchat.pipeline.media import Timeline, render_batch, speech_track  # noqa: E402
 from tests.support import wav2lip_model  # noqa: E402
@@ -45,11 +42,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=5, help="frames per render batch (pipeline.render_batch_frames)")
     args = ap.parse_args()
-    tts = PiperEngine(PiperConfig())
-    tts.load()
-    speech = tts.synthesize(TEXT)
-    os.sched_setaffinity(0, {0})
-    cv2.setNumThreads(1)
+    speech = one_core_speech(TEXT)
     path = Path(args.model) if args.model else wav2lip_model.build(Path(tempfile.mkdtemp()) / "tiny.onnx")
     renderer = Wav2LipRenderer(AvatarModel.load(default_avatar_dir()), load_model(path, threads=1),
                                batch_size=max(8, args.batch))

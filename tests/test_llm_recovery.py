@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import httpx
@@ -46,6 +47,17 @@ def ask(content: str) -> list[dict[str, str]]:
 def sent(upstream: OpenAITestServer, content: str) -> int:
     """How many chat requests with this content the LLM server received."""
     return sum(r["body"]["messages"][0]["content"] == content for r in upstream.requests)
+
+
+async def call_in_flight(ex: LLMExecutor, worker: CeleryWorker, upstream: OpenAITestServer,
+                         first_token_delay_s: float) -> tuple[int, asyncio.Task[Any]]:
+    """Once the worker beats, start a call that reaches the LLM and hangs there (reply "slow"): the
+    worker's pid and the call."""
+    pid = await asyncio.to_thread(worker.wait_beating)
+    upstream.behaviour = Behaviour(reply="slow", first_token_delay_s=first_token_delay_s)
+    call = asyncio.create_task(ex.reply(ask("in flight")))
+    await asyncio.to_thread(wait_until, lambda: sent(upstream, "in flight") == 1, 30, "the worker calls the LLM")
+    return pid, call
 
 
 def executor(upstream: OpenAITestServer, redis_url: str, **kw: object) -> LLMExecutor:
@@ -154,10 +166,7 @@ async def test_worker_killed_mid_call_the_call_falls_back_and_the_supervisor_res
     worker = CeleryWorker(redis.url, upstream.base_url, concurrency=4, worker_timeout_s=3.0, supervised=True).start()
     ex = executor(upstream, redis.url)
     try:
-        first = await asyncio.to_thread(worker.wait_beating)
-        upstream.behaviour = Behaviour(reply="slow", first_token_delay_s=30)
-        call = asyncio.create_task(ex.reply(ask("in flight")))
-        await asyncio.to_thread(wait_until, lambda: sent(upstream, "in flight") == 1, 30, "the worker calls the LLM")
+        first, call = await call_in_flight(ex, worker, upstream, first_token_delay_s=30)
         upstream.behaviour = Behaviour(reply="answered anyway")
         os.kill(first, signal.SIGKILL)
         start = time.monotonic()
@@ -217,10 +226,7 @@ async def test_worker_survives_redis_dying_mid_call(redis: RedisServer, upstream
     worker = CeleryWorker(redis.url, upstream.base_url, concurrency=4).start()
     ex = executor(upstream, redis.url)
     try:
-        pid = await asyncio.to_thread(worker.wait_beating)
-        upstream.behaviour = Behaviour(reply="slow", first_token_delay_s=3)
-        call = asyncio.create_task(ex.reply(ask("in flight")))
-        await asyncio.to_thread(wait_until, lambda: sent(upstream, "in flight") == 1, 30, "the worker calls the LLM")
+        pid, call = await call_in_flight(ex, worker, upstream, first_token_delay_s=3)
         redis.kill()
         reply = await asyncio.wait_for(call, 30)
         assert reply.mode == "asyncio" and reply.text == "slow"  # answered in-process meanwhile

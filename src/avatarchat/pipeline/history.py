@@ -10,9 +10,14 @@ from dataclasses import dataclass, field
 from avatarchat.engines.types import ChatMessage
 
 
+def cjk_count(text: str) -> int:
+    """How many CJK ideographs ``text`` has."""
+    return sum(1 for ch in text if "\u3400" <= ch <= "\u9fff")
+
+
 def approx_tokens(text: str) -> int:
     """A tokenizer-free estimate: ~4 chars per token for Latin text, one per CJK character."""
-    cjk = sum(1 for ch in text if "\u3400" <= ch <= "\u9fff")
+    cjk = cjk_count(text)
     return cjk + (len(text) - cjk + 3) // 4 + 1
 
 
@@ -21,7 +26,7 @@ _CUES = {"zh": "\n（请用简体中文回答。）", "en": "\n(Answer in Englis
 
 def script_language(text: str) -> str:
     """"zh" when the CJK ideographs outnumber the Latin words (a hanzi is about a word), else "en"."""
-    cjk = sum(1 for ch in text if "\u3400" <= ch <= "\u9fff")
+    cjk = cjk_count(text)
     words = len(re.findall(r"[A-Za-z]+", text))
     return "zh" if cjk and cjk >= words else "en"
 

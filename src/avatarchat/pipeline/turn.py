@@ -21,7 +21,7 @@ from avatarchat.engines.llm.base import LLMEngine, LLMError
 from avatarchat.engines.tts.base import TTSEngine, TTSError
 from avatarchat.pipeline.avatar_media import AvatarMedia, MediaError, MediaStream
 from avatarchat.pipeline.capacity import Capacity
-from avatarchat.pipeline.history import History, with_language_cue
+from avatarchat.pipeline.history import History, cjk_count, with_language_cue
 from avatarchat.pipeline import scheduler as sched
 from avatarchat.pipeline.media import Piece, Timeline, speakable
 from avatarchat.pipeline.segmenter import Segmenter
@@ -346,7 +346,7 @@ _SYNTH_RTF = _Ratio(0.1)
 
 def speech_ms_estimate(text: str) -> float:
     """About how long ``text`` takes to say: ~65 ms a letter in alphabetic scripts, ~220 ms a CJK character."""
-    cjk = sum(1 for ch in text if "\u3400" <= ch <= "\u9fff")
+    cjk = cjk_count(text)
     return 65.0 * (len(text) - cjk) + 220.0 * cjk
 
 
