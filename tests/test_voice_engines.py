@@ -77,7 +77,11 @@ def test_vad_reports_a_missing_model() -> None:
 def test_turn_taking_on_an_utterance(vad: SileroVAD) -> None:
     speech = piper_16k("Hello there, can you tell me a story about the sea?")
     audio = np.concatenate([silence(0.5), speech, silence(1.0)])
-    speech_end = 0.5 + len(speech) / 16000
+    # Piper's trailing breath varies from voice run to run, so time the end from the last window
+    # the VAD itself calls voiced (p >= neg_threshold), which is what the turn-taker counts from.
+    probs = vad.stream().push(audio)
+    last_voiced = max(i for i, p in enumerate(probs) if p >= VADConfig().neg_threshold)
+    speech_end = (last_voiced + 1) * 512 / 16000
     events = run(taker(vad), audio)
     kinds = [type(e) for _, e in events]
     assert kinds[0] is SpeechStart and kinds[-1] is EndOfTurn
@@ -88,7 +92,7 @@ def test_turn_taking_on_an_utterance(vad: SileroVAD) -> None:
     spec_at = [t for t, e in events if isinstance(e, Speculate)]
     end_at, end = next((t, e) for t, e in events if isinstance(e, EndOfTurn))
     # The turn ends about silence_ms after the last voiced window, and speculation comes before it.
-    assert 0.4 < end_at - speech_end < 0.75, end_at - speech_end
+    assert 0.45 < end_at - speech_end < 0.6, end_at - speech_end
     assert spec_at and spec_at[-1] < end_at
     assert isinstance(end, EndOfTurn) and len(end.audio) / 16000 > 2.0
 
