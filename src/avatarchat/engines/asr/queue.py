@@ -1,5 +1,7 @@
 """One shared ASR model, one worker thread, and a priority queue in front of it.
 
+A transcription service (``RemoteASREngine``) skips all this: its requests are awaited at once.
+
 Final transcripts (someone finished speaking) go before partial ones (someone is still speaking).
 A request whose caller gave up (its future was cancelled) is skipped before it reaches the model.
 With a CPU scheduler, each transcription holds one of its slots, at a deadline that says how soon it
@@ -16,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from avatarchat import metrics
-from avatarchat.engines.asr.base import ASREngine
+from avatarchat.engines.asr.base import ASREngine, RemoteASREngine
 from avatarchat.pipeline.scheduler import CpuScheduler
 
 FINAL, PARTIAL = 0, 1
 _DUE_S = {FINAL: 0.3, PARTIAL: 1.5}  # deadlines from the request, per priority
+_STAGE = {FINAL: "asr_final", PARTIAL: "asr_partial"}
 
 
 class ASRQueue:
@@ -40,6 +43,11 @@ class ASRQueue:
         return self._executor
 
     async def transcribe(self, audio: np.ndarray, priority: int = FINAL) -> str:
+        if isinstance(self.engine, RemoteASREngine):  # a service: no queue, no CPU slot, several at once
+            start = time.perf_counter()
+            text = await self.engine.transcribe_async(audio)
+            metrics.STAGE_SECONDS.labels(_STAGE[priority]).observe(time.perf_counter() - start)
+            return text
         if self._queue is None:
             self._queue = asyncio.PriorityQueue()
             self._worker = asyncio.create_task(self._run(self._queue), name="asr-queue")
@@ -60,7 +68,7 @@ class ASRQueue:
                 if not future.done():
                     future.set_exception(e)
                 continue
-            metrics.STAGE_SECONDS.labels("asr_final" if priority == FINAL else "asr_partial").observe(
+            metrics.STAGE_SECONDS.labels(_STAGE[priority]).observe(
                 time.perf_counter() - start
             )
             if not future.done():
@@ -73,6 +81,8 @@ class ASRQueue:
             return self.engine.transcribe(audio)
 
     async def close(self) -> None:
+        if isinstance(self.engine, RemoteASREngine):
+            await self.engine.close()
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
