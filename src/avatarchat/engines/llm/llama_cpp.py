@@ -179,6 +179,13 @@ class LlamaCppEngine:
         if not path.is_file():
             raise LLMError(f"GGUF model not found: {path}")
         info = ensure_backends()
+        if self._config.requantize != "none":
+            from avatarchat.models import ModelFileError, requantized
+
+            try:
+                path = requantized(path, self._config.requantize)
+            except (ModelFileError, OSError) as e:
+                raise LLMError(f"cannot convert {path.name} to {self._config.requantize}: {e}") from e
         mparams = C.llama_model_default_params()
         self._model = internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
         cparams = C.llama_context_default_params()
