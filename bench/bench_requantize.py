@@ -1,7 +1,8 @@
 """The embedded LLMs as packaged and re-quantized (``llm.llama_cpp.requantize``): speed and quality.
 
 For each model file, in its own process, through the engine the server uses: the first token and
-decoding speed of one reply (median of ``--runs``) and of 4 at once, on 1 and on 2 threads; and the
+decoding speed of one reply (median of ``--runs``) and of 4 at once, on 1 and on 2 threads (each in a
+fresh process, as the server has one engine); and the
 perplexity of the same file on English text (README.md) and on Mandarin sentences (the ASR and voice
 benches' sentences, none written for this), as the quality cost of the conversion.
 
@@ -28,7 +29,7 @@ from avatarchat.engines.llm.llama_cpp import LlamaCppEngine, default_model_path
 from avatarchat.engines.llm.runtime import ensure_backends
 from avatarchat.models import requantized
 
-model, kind, runs, en_text, zh_text = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+model, kind, what, runs, en_text, zh_text = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
 ensure_backends()
 src = default_model_path(model)
 path = src if kind == "none" else requantized(src, kind)
@@ -74,8 +75,10 @@ def perplexity(text):
             n += 1
     return math.exp(nll / n)
 
-out = {"file": path.name, "bytes": path.stat().st_size, "threads1": asyncio.run(speed(1)),
-       "threads2": asyncio.run(speed(2)), "ppl_en": perplexity(en_text), "ppl_zh": perplexity(zh_text)}
+if what == "ppl":
+    out = {"file": path.name, "bytes": path.stat().st_size, "ppl_en": perplexity(en_text), "ppl_zh": perplexity(zh_text)}
+else:
+    out = {what: asyncio.run(speed(int(what[-1])))}
 print(json.dumps(out))
 """
 
@@ -105,13 +108,20 @@ def main() -> None:
     en, zh = texts()
     results = {}
     for model, kind in CASES:
-        proc = subprocess.run([sys.executable, "-c", CHILD, model, kind, str(args.runs), en, zh],
-                              capture_output=True, text=True, timeout=1200)
-        if proc.returncode != 0:
-            print(f"{model} {kind}: failed\n{proc.stderr[-2000:]}")
+        r: dict = {}
+        # One process per measurement: a second engine in the same process inherits the first one's
+        # OpenMP thread pool, and two threads then ran at half the speed of one.
+        for what in ("threads1", "threads2", "ppl"):
+            proc = subprocess.run([sys.executable, "-c", CHILD, model, kind, what, str(args.runs), en, zh],
+                                  capture_output=True, text=True, timeout=1200)
+            if proc.returncode != 0:
+                print(f"{model} {kind} {what}: failed\n{proc.stderr[-2000:]}")
+                break
+            r.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        else:
+            results[f"{model}/{kind}"] = r
+        if f"{model}/{kind}" not in results:
             continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        results[f"{model}/{kind}"] = r
         base = results.get(f"{model}/none", r)
         t1, t2 = r["threads1"], r["threads2"]
         print(f"{model:20} {kind:5} {r['bytes'] / 2**20:5.0f} MB  1 thread: first {t1['first_token_ms']:4.0f} ms, "

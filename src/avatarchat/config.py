@@ -85,8 +85,8 @@ class LlamaCppConfig(BaseModel):
         "none", description="Convert the model file once (cached under the models directory) to a weight type "
         "llama.cpp runs faster on CPUs: q4_0 is repacked for AVX2 at load and made Qwen 0.5B 1.8x faster on one "
         "core (24 -> 43 tokens/s, first token 365 -> 129 ms) for +9 % perplexity on Chinese text, +15 % on English; "
-        "q8_0 is lossless from SmolLM2's Q4_1 (+1 % perplexity) and 20 % faster on one core. The zh and auto "
-        "profiles set q4_0 (bench/bench_requantize.py).",
+        "q8_0 is lossless from SmolLM2's Q4_1 (+1 % perplexity) and 20 % faster on one core. The zh profile "
+        "sets q4_0 (bench/bench_requantize.py); auto does not (it chose the wrong reply language more often).",
     )
     n_ctx: int = Field(2048, ge=256, description="Context window per conversation, in tokens.")
     parallel: int = Field(
@@ -514,6 +514,9 @@ PROFILES["auto"] = {
                          "short spoken sentences. No lists, no markdown, no emoji, no code.",
         # Qwen 0.5B answered an English question in Chinese after a Chinese turn in 1 of 5 trials without it.
         "language_cue": True,
+        # Qwen's own weights: converted to Q4_0 it answered in the wrong language 3 times in 44 even with the
+        # cue, against 0 in 44 (bench/bench_language_cue.py); choosing the language is this profile's job.
+        "llama_cpp": {**PROFILES["zh"]["llm"]["llama_cpp"], "requantize": "none"},
     },
 }
 
@@ -536,7 +539,7 @@ class Settings(BaseSettings):
         "en", description="Language profile: en (the English engines), zh (Mandarin speech recognition, the "
         "Mandarin voice with lip-sync, the bilingual Qwen LLM answering in Chinese) or auto (Mandarin or English, "
         "detected per utterance and answered in it, each piece in its language's voice). It sets the defaults of "
-        "asr.model/language/simplified, tts.engine, llm.llama_cpp.model/n_threads/n_threads_batch, "
+        "asr.model/language/simplified, tts.engine, llm.llama_cpp.model/n_threads/n_threads_batch/requantize, "
         "llm.system_prompt and the first piece's length (pipeline.first_piece_max_words/min_words).",
     )
     server: ServerConfig = ServerConfig()
