@@ -124,7 +124,11 @@ async def test_cancelling_speech_closes_the_request(server: SpeechTestServer) ->
     server.speech = SpeechBehaviour(chunk_bytes=1024, chunk_delay_s=0.05)  # ~3 s of streaming
     engine = tts(server)
     task = asyncio.create_task(engine.speak(TEXT))
-    await asyncio.sleep(0.8)
+    for _ in range(500):  # until the audio is streaming
+        if server.sent_audio:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
     assert not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -202,13 +206,17 @@ async def test_the_asr_queue_sends_remote_requests_at_once_and_cancels_them(serv
     texts = await asyncio.gather(*(queue.transcribe(silence(1.0), FINAL) for _ in range(4)))
     assert texts == ["hello"] * 4
     assert time.perf_counter() - start < 1.5  # four 0.6 s requests in parallel, not one after another
-    server.speech = SpeechBehaviour(transcript="hello", headers_delay_s=3)
+    server.speech = SpeechBehaviour(transcript="hello", headers_delay_s=5)
+    seen = len(server.audio_requests)
     task = asyncio.create_task(queue.transcribe(silence(1.0), FINAL))
-    await asyncio.sleep(0.3)
+    for _ in range(300):  # until the server is working on it
+        if len(server.audio_requests) > seen:
+            break
+        await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
+    for _ in range(300):
         if server.disconnects:
             break
         await asyncio.sleep(0.01)

@@ -138,11 +138,14 @@ class SpeechTestServer(OpenAITestServer):
             self.audio_requests.append({"route": "transcriptions", "form": fields, "bytes": len(raw),
                                         "headers": dict(request.headers)})
             b = self.speech
-            try:
-                await asyncio.sleep(b.headers_delay_s)
-            except asyncio.CancelledError:
-                self.disconnects += 1
-                raise
+            if b.headers_delay_s:
+                try:  # the body is read: the next message is the client's disconnect, if it comes
+                    message = await asyncio.wait_for(request.receive(), b.headers_delay_s)
+                except TimeoutError:
+                    message = {}
+                if message.get("type") == "http.disconnect":
+                    self.disconnects += 1
+                    return Response(status_code=499)
             if (error := refused(b)) is not None:
                 return error
             if b.transcript_body is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import math
 import types
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from avatarchat.config import EdgeTTSConfig
+from avatarchat.engines.tts.audio import AudioDecodeError, decode_audio
 from avatarchat.engines.tts.base import TTSError
 from avatarchat.engines.types import Speech
 from avatarchat.redact import redact_url
@@ -148,17 +148,10 @@ class EdgeEngine:
         return bytes(mp3)
 
     def _decode(self, mp3: bytes) -> np.ndarray:
-        import av
-
-        parts: list[np.ndarray] = []
         try:
-            with av.open(io.BytesIO(mp3), format="mp3") as container:
-                resampler = av.AudioResampler(format="flt", layout="mono", rate=self.sample_rate)
-                for frame in container.decode(audio=0):
-                    parts += [f.to_ndarray()[0] for f in resampler.resample(frame)]
-                parts += [f.to_ndarray()[0] for f in resampler.resample(None)]
-        except (av.FFmpegError, IndexError, ValueError) as e:
+            audio = decode_audio(mp3, self.sample_rate, "mp3")
+        except AudioDecodeError as e:
             raise TTSError(f"{self._where}: bad MP3 ({len(mp3)} bytes): {e}") from e
-        if not parts:
+        if not len(audio):
             raise TTSError(f"{self._where}: no audio decoded from {len(mp3)} bytes of MP3")
-        return np.clip(np.concatenate(parts), -1.0, 1.0).astype(np.float32, copy=False)
+        return audio

@@ -8,13 +8,13 @@ the audio itself (``engines/avatar/visemes.py``: loudness opens it, the spectrum
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 
 from avatarchat.config import OpenAISpeechConfig
+from avatarchat.engines.tts.audio import AudioDecodeError, decode_audio
 from avatarchat.engines.tts.base import TTSError
 from avatarchat.engines.types import Speech
 from avatarchat.pipeline.media import resample
@@ -71,7 +71,8 @@ class OpenAISpeechEngine:
                         chunks.append(chunk)
         except (httpx.HTTPError, TimeoutError, TTSError) as e:
             raise self._error(e) from e
-        return self._speech(b"".join(chunks), text)
+        # Decoding and resampling take milliseconds, but off the loop that serves every session.
+        return await asyncio.to_thread(self._speech, b"".join(chunks), text)
 
     def synthesize(self, text: str, *, rate: float = 1.0) -> Speech:
         body = self._body(text, rate)
@@ -93,35 +94,21 @@ class OpenAISpeechEngine:
 
     def _speech(self, data: bytes, text: str) -> Speech:
         if self._c.response_format == "pcm":
-            audio = np.frombuffer(data[: len(data) // 2 * 2], "<i2").astype(np.float32) / 32768.0
-            rate = self._c.pcm_sample_rate
+            pcm = np.frombuffer(data[: len(data) // 2 * 2], "<i2").astype(np.float32) / 32768.0
+            audio = resample(pcm, self._c.pcm_sample_rate, self.sample_rate)
         else:
-            audio, rate = decode_audio(data)
+            try:
+                audio = decode_audio(data, self.sample_rate)
+            except AudioDecodeError as e:
+                raise TTSError(f"TTS server {self._url} sent audio that cannot be decoded: {e}") from e
         if len(audio) == 0:
             raise TTSError(f"TTS server {self._url} sent no audio for {text[:40]!r}")
-        return Speech(resample(audio, rate, self.sample_rate), self.sample_rate, None, text)
+        return Speech(audio, self.sample_rate, None, text)
 
     async def close(self) -> None:
         await self._client.aclose()
         if self._sync is not None:
             self._sync.close()
-
-
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Any container and codec PyAV reads (wav, mp3, flac, opus, aac), as mono float32 and its rate."""
-    import av
-
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.audio[0]
-            rate = stream.codec_context.sample_rate or stream.rate
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            parts = [np.asarray(f.to_ndarray(), np.float32).reshape(-1)
-                     for frame in container.decode(stream) for f in resampler.resample(frame)]
-            parts += [np.asarray(f.to_ndarray(), np.float32).reshape(-1) for f in resampler.resample(None)]
-    except (av.error.FFmpegError, IndexError, ValueError) as e:
-        raise TTSError(f"TTS server sent audio that cannot be decoded: {e}") from e
-    return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), int(rate)
 
 
 def _limited(source: Iterator[bytes], limit: int) -> Iterator[bytes]:
