@@ -62,3 +62,9 @@ def test_config_reference_is_up_to_date(capsys: pytest.CaptureFixture[str]) -> N
     assert capsys.readouterr().out == (root / "docs" / "config.md").read_text(encoding="utf-8"), (
         "docs/config.md is stale: run scripts/config_reference.py > docs/config.md"
     )
+
+
+def test_the_example_config_loads_as_it_says() -> None:
+    s = load_settings(Path(__file__).resolve().parent.parent / "avatarchat.example.yaml")
+    assert s.tts.engine == "piper" and s.asr.engine == "whisper" and s.llm.engine == "llama_cpp"
+    assert s.tts.openai.voice == "alloy" and s.asr.openai.model == "whisper-1" and s.tts.edge.voice == "zh-CN-XiaoxiaoNeural"

