@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +151,9 @@ def requantized(src: Path, kind: str, cache: Path | None = None) -> Path:
     except (OSError, ValueError):
         pass
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)  # one per caller
+    os.close(fd)
+    tmp = Path(name)
     params = C.llama_model_quantize_default_params()
     params.ftype = _FTYPES[kind]
     params.allow_requantize = True  # the source is already quantized: what we have is what we can convert
