@@ -133,20 +133,12 @@ def test_page_stop_button_cuts_the_answer(live_app: LiveApp, browser) -> None:  
 
 def test_page_talks_through_the_microphone(live_app: LiveApp, pw, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Chromium's fake microphone plays a Piper recording: the AudioWorklet path yields a transcript and a reply."""
-    import wave
-
     import numpy as np
 
-    from tests.support.speech import piper_16k, silence, word_match
+    from tests.support.speech import piper_16k, silence, word_match, write_wav
 
     text = "What is the tallest mountain in the world?"
-    audio = np.concatenate([silence(1.0), piper_16k(text), silence(2.5)])
-    wav = tmp_path / "question.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    wav = write_wav(tmp_path / "question.wav", np.concatenate([silence(1.0), piper_16k(text), silence(2.5)]))
     b = pw.chromium.launch(
         executable_path=CHROMIUM,
         headless=True,

@@ -236,3 +236,23 @@ def test_a_model_that_cannot_be_converted_is_a_clear_error(tmp_path: Path) -> No
     with pytest.raises(ModelFileError, match="could not convert bad.gguf to q4_0"):
         requantized(bad, "q4_0", cache=tmp_path)
     assert not list((tmp_path / "models" / "requantized").glob("*"))
+
+
+def test_a_pictograph_split_across_tokens_cannot_be_completed(llama: LlamaCppEngine) -> None:
+    """CI once got "❤" as "\\xe2" then "\\x9d\\xa4": after a bare lead byte, the rest of a pictograph is banned."""
+    import re
+
+    pictograph = re.compile("[\U0001f000-\U0001ffff\u2600-\u27bf\u2b00-\u2bff\ufe0f]")
+    banned = llama._completions[b"\xe2"]
+    completes = 0
+    for tok in range(llama._n_vocab):
+        piece = llama._piece(tok)
+        if not piece or not 0x80 <= piece[0] <= 0xBF:
+            continue  # only a continuation byte can complete a pending lead
+        # E2 98..9E and E2 AC..AD begin U+2600-27BF and U+2B00-2B7F: pictographs, whatever follows.
+        assert (tok in banned) == (piece[0] in range(0x98, 0x9F) or piece[0] in (0xAC, 0xAD)), (tok, piece)
+        first = (b"\xe2" + piece).decode("utf-8", "replace")[0]
+        if tok in banned and first != "\ufffd":
+            assert pictograph.match(first), (tok, piece)
+            completes += 1
+    assert banned and completes  # this vocabulary does split pictographs so, and the ban catches it

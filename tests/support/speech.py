@@ -6,6 +6,7 @@ import asyncio
 import functools
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy.signal import resample_poly
@@ -23,6 +24,14 @@ def _piper() -> PiperEngine:
     tts = PiperEngine(PiperConfig())
     tts.load()
     return tts
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int = RATE) -> Path:
+    """A 16-bit mono WAV file (for Chromium's fake microphone)."""
+    from avatarchat.engines.asr.openai_transcribe import wav_bytes
+
+    path.write_bytes(wav_bytes(audio, rate))
+    return path
 
 
 def to_16k(audio: np.ndarray, rate: int) -> np.ndarray:

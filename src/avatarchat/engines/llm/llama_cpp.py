@@ -121,6 +121,7 @@ class _Job:
     todo: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
     last: int | None = None  # the sampled token to feed next
     sampler: Any = None
+    guarded: dict[bytes, Any] = field(default_factory=dict)  # samplers that also ban a pictograph's rest
     generated: int = 0
     unread: int = 0  # deltas handed out but not yet taken by the reader
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
@@ -205,7 +206,12 @@ class LlamaCppEngine:
         self._slots = [_Slot(i) for i in range(1, c.parallel + 1)]
         n_vocab = C.llama_vocab_n_tokens(self._vocab)
         self._n_vocab = n_vocab
-        self._unspeakable = {t: -math.inf for t in range(n_vocab) if _pictograph(self._piece(t))}
+        pieces = [self._piece(t) for t in range(n_vocab)]
+        self._unspeakable = {t: -math.inf for t, p in enumerate(pieces) if _pictograph(p)}
+        # A token ending in a bare lead byte (E2, EF) may be completed into a pictograph by the next one: after
+        # it, that next token's continuation bytes are banned too ("\xe2" then "\x9d\xa4" is ❤).
+        self._completions = {lead: {t: -math.inf for t, p in enumerate(pieces) if rest.match(p)}
+                             for lead, rest in _PICTOGRAPH_REST.items()}
         if self._system_prompt:
             self._system = self.tokenize(chatml([{"role": "system", "content": self._system_prompt}])
                                          .removesuffix("<|im_start|>assistant\n"))
@@ -386,13 +392,14 @@ class LlamaCppEngine:
         slot.tokens = old[:keep]
         return prompt[keep:]
 
-    def _sampler(self, temperature: float) -> Any:
+    def _sampler(self, temperature: float, also: dict[int, float] | None = None) -> Any:
         from llama_cpp import _internals as internals
 
         s = internals.LlamaSampler()
         # A voice cannot say an emoji: a small model's reply made only of them left the avatar silent.
-        if self._unspeakable:
-            s.add_logit_bias(self._n_vocab, self._unspeakable)
+        banned = {**self._unspeakable, **(also or {})}
+        if banned:
+            s.add_logit_bias(self._n_vocab, banned)
         if temperature <= 0:
             s.add_greedy()
         else:
@@ -491,7 +498,13 @@ class LlamaCppEngine:
     def _sample(self, job: _Job, idx: int) -> None:
         from llama_cpp import llama_cpp as C
 
-        tok = C.llama_sampler_sample(job.sampler.sampler, self._ctx.ctx, idx)
+        sampler = job.sampler
+        pending = job.decoder.getstate()[0]  # bytes of a character not yet complete
+        if pending in self._completions:
+            if pending not in job.guarded:
+                job.guarded[pending] = self._sampler(job.temperature, self._completions[pending])
+            sampler = job.guarded[pending]
+        tok = C.llama_sampler_sample(sampler.sampler, self._ctx.ctx, idx)
         job.generated += 1
         if C.llama_vocab_is_eog(self._vocab, tok):
             self._finish(job, None)
@@ -578,6 +591,9 @@ def _soon() -> float:
 # a token holding the lead bytes is enough to ban, since the rest cannot follow without it. A token that ends
 # in a bare 4-byte lead (F0) is banned too: it could be completed into an emoji by the next token.
 _PICTOGRAPH = re.compile(rb"\xf0\x9f|\xe2[\x98-\x9e]|\xe2[\xac\xad]|\xef\xb8\x8f|\xf0$")
+# What may not follow a pending, incomplete lead: the rest of the same pictographs.
+_PICTOGRAPH_REST = {b"\xe2": re.compile(rb"[\x98-\x9e\xac\xad]"), b"\xef": re.compile(rb"\xb8\x8f"),
+                    b"\xef\xb8": re.compile(rb"\x8f")}
 
 
 def _pictograph(piece: bytes) -> bool:
