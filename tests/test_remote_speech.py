@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -47,6 +47,15 @@ def tts(server: SpeechTestServer, **config: object) -> OpenAISpeechEngine:
 
 def asr(server: SpeechTestServer, **config: object) -> OpenAITranscribeEngine:
     return OpenAITranscribeEngine(ASRConfig(engine="openai", openai=OpenAITranscribeConfig(base_url=server.base_url, **config)))  # type: ignore[arg-type]
+
+
+async def until(condition: Callable[[], bool], seconds: float) -> bool:
+    """Whether ``condition`` came true within ``seconds`` (checked every 10 ms)."""
+    for _ in range(round(seconds * 100)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
 
 
 def closed_port() -> str:
@@ -124,20 +133,13 @@ async def test_cancelling_speech_closes_the_request(server: SpeechTestServer) ->
     server.speech = SpeechBehaviour(chunk_bytes=1024, chunk_delay_s=0.05)  # ~3 s of streaming
     engine = tts(server)
     task = asyncio.create_task(engine.speak(TEXT))
-    for _ in range(500):  # until the audio is streaming
-        if server.sent_audio:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(server.sent_audio), 5.0)  # the audio is streaming
     await asyncio.sleep(0.2)
     assert not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
-        if server.disconnects:
-            break
-        await asyncio.sleep(0.01)
-    assert server.disconnects == 1  # the server stopped streaming within a second of the cancel
+    assert await until(lambda: server.disconnects == 1, 1.0)  # the server stopped streaming within a second
     await engine.close()
 
 
@@ -209,18 +211,11 @@ async def test_the_asr_queue_sends_remote_requests_at_once_and_cancels_them(serv
     server.speech = SpeechBehaviour(transcript="hello", headers_delay_s=5)
     seen = len(server.audio_requests)
     task = asyncio.create_task(queue.transcribe(silence(1.0), FINAL))
-    for _ in range(300):  # until the server is working on it
-        if len(server.audio_requests) > seen:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: len(server.audio_requests) > seen, 3.0)  # the server is working on it
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(300):
-        if server.disconnects:
-            break
-        await asyncio.sleep(0.01)
-    assert server.disconnects == 1
+    assert await until(lambda: server.disconnects == 1, 3.0)
     await queue.close()
 
 

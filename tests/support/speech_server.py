@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from avatarchat.config import ASRConfig
+from avatarchat.engines.asr.openai_transcribe import wav_bytes
 from avatarchat.engines.asr.whisper import WhisperEngine
 from avatarchat.pipeline.media import resample
 from tests.support.openai_server import OpenAITestServer
@@ -63,13 +64,7 @@ def _encode(audio: np.ndarray, rate: int, fmt: str) -> tuple[bytes, str]:
     if fmt == "pcm":
         return (np.clip(resample(audio, rate, PCM_RATE), -1, 1) * 32767).astype("<i2").tobytes(), "audio/pcm"
     if fmt == "wav":
-        out = io.BytesIO()
-        with wave.open(out, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(rate)
-            w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-        return out.getvalue(), "audio/wav"
+        return wav_bytes(audio, rate), "audio/wav"
     import av
 
     out = io.BytesIO()

@@ -19,6 +19,7 @@ from avatarchat import metrics
 from avatarchat.config import Settings
 from avatarchat.engines.llm.base import LLMEngine, LLMError
 from avatarchat.engines.tts.base import RemoteTTSEngine, TTSEngine, TTSError
+from avatarchat.engines.types import Speech
 from avatarchat.pipeline.avatar_media import AvatarMedia, MediaError, MediaStream
 from avatarchat.pipeline.capacity import Capacity
 from avatarchat.pipeline.history import History, cjk_count, with_language_cue
@@ -204,14 +205,17 @@ class Turn:
         timeline = self._timeline = Timeline(self._s.avatar.fps, self._audio_rate())
         rate = self._s.tts.rate
 
+        def spoke(speech: Speech, took: float) -> None:
+            metrics.STAGE_SECONDS.labels("tts").observe(took)
+            if self._capacity is not None:
+                self._capacity.observe_speech(speech.duration)
+
         def synth(text: str) -> Piece:
             start = time.perf_counter()
             speech = self._tts.synthesize(text, rate=rate)
             took = time.perf_counter() - start
-            metrics.STAGE_SECONDS.labels("tts").observe(took)
+            spoke(speech, took)
             _SYNTH_RTF.observe(took / max(speech.duration, 0.05))
-            if self._capacity is not None:
-                self._capacity.observe_speech(speech.duration)
             return timeline.prepare(speech)
 
         while (text := await inp.get()) is not None:
@@ -224,9 +228,7 @@ class Turn:
                 if isinstance(self._tts, RemoteTTSEngine):  # the work is elsewhere: await it, hold no slot
                     start = time.perf_counter()
                     speech = await self._tts.speak(spoken, rate=rate)
-                    metrics.STAGE_SECONDS.labels("tts").observe(time.perf_counter() - start)
-                    if self._capacity is not None:
-                        self._capacity.observe_speech(speech.duration)
+                    spoke(speech, time.perf_counter() - start)
                     piece = await self._cpu.run(timeline.prepare, speech, deadline=due, kind="tts")
                 else:
                     piece = await self._cpu.run(synth, spoken, deadline=due, kind="tts")

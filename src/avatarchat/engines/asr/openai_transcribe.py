@@ -62,8 +62,8 @@ class OpenAITranscribeEngine:
         text = " ".join(text.split())
         return self._t2s.convert(text) if self._t2s is not None else text
 
-    def _error(self, e: httpx.HTTPError) -> ASRError:
-        if isinstance(e, httpx.TimeoutException):
+    def _error(self, e: Exception) -> ASRError:
+        if isinstance(e, httpx.TimeoutException | TimeoutError):
             return ASRError(f"ASR server {self._url} did not answer within {self._config.openai.timeout_s:g} s "
                             f"({type(e).__name__})")
         return ASRError(f"ASR server {self._url} unreachable or failed: {type(e).__name__}: {e}")
@@ -73,9 +73,7 @@ class OpenAITranscribeEngine:
         try:
             async with asyncio.timeout(self._config.openai.timeout_s):  # the whole request, not each read
                 response = await self._client.post(self._url, data=data, files=files)
-        except TimeoutError as e:
-            raise self._error(httpx.ReadTimeout("total timeout")) from e
-        except httpx.HTTPError as e:
+        except (TimeoutError, httpx.HTTPError) as e:
             raise self._error(e) from e
         return self._text(response)
 
