@@ -21,7 +21,7 @@ from avatarchat.engines.tts.openai_speech import OpenAISpeechEngine
 from tests.support.live_app import LiveApp
 from tests.support.speech import feed_realtime, piper_16k, silence, word_match
 from tests.support.speech_server import SpeechBehaviour, SpeechTestServer
-from tests.test_voice import voice_client
+from tests.support.voice_client import voice_client
 
 TEXT = "The lighthouse keeper waved at the passing ships."
 

@@ -3,96 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
+from avatarchat import metrics
+from tests.support.echo_room import SpeakerMic
 from tests.support.live_app import LiveApp
-from tests.support.speech import HEADER, espeak_16k, feed_realtime, frame, pcm16, piper_16k, silence, word_match
-
-
-@dataclass
-class VoiceClient:
-    """Records every message with its arrival time, and plays media the way a browser would (reports)."""
-
-    ws: ClientConnection
-    log: list[tuple[float, str, Any]] = field(default_factory=list)
-    media_at: dict[int, list[float]] = field(default_factory=dict)
-    _reader: asyncio.Task[None] | None = None
-    _new: asyncio.Event = field(default_factory=asyncio.Event)
-    _player: asyncio.Task[None] | None = None
-
-    async def start(self) -> VoiceClient:
-        self._reader = asyncio.create_task(self._read())
-        await self.wait_for("session")
-        await self.send(type="mic_start", sample_rate=16000, format="pcm_s16le")
-        await self.wait_for("mic_ready")
-        return self
-
-    async def _read(self) -> None:
-        async for msg in self.ws:
-            now = time.perf_counter()
-            if isinstance(msg, bytes):
-                turn_id = HEADER.unpack_from(msg)[3]
-                self.media_at.setdefault(turn_id, []).append(now)
-                self.log.append((now, "media", turn_id))
-            else:
-                e = json.loads(msg)
-                self.log.append((now, e["type"], e))
-                if e["type"] == "media_start":
-                    self._start_player(e["turn_id"])
-                if e["type"] == "interrupt" and self._player is not None:
-                    self._player.cancel()
-            self._new.set()
-
-    def _start_player(self, turn_id: int) -> None:
-        """Report playback position every 100 ms from the first fragment, as the page does."""
-        if self._player is not None:
-            self._player.cancel()
-
-        async def play() -> None:
-            t0 = time.perf_counter()
-            while True:
-                await asyncio.sleep(0.1)
-                await self.send(type="playback", turn_id=turn_id, position_ms=(time.perf_counter() - t0) * 1000,
-                                playing=True)
-
-        self._player = asyncio.create_task(play())
-
-    async def send(self, **event: Any) -> None:
-        await self.ws.send(json.dumps(event))
-
-    def events(self, kind: str) -> list[dict[str, Any]]:
-        return [p for _, k, p in self.log if k == kind]
-
-    async def wait_for(self, kind: str, timeout: float = 60, after: int = 0, **match: Any) -> tuple[float, dict[str, Any]]:
-        deadline = time.perf_counter() + timeout
-        while True:
-            for t, k, p in self.log[after:]:
-                if k == kind and all(p.get(key) == v for key, v in match.items()):
-                    return t, p
-            self._new.clear()
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                raise TimeoutError(f"no {kind} {match}; saw {[k for _, k, _ in self.log][-30:]}")
-            try:
-                await asyncio.wait_for(self._new.wait(), left)
-            except TimeoutError:
-                pass
-
-    async def close(self) -> None:
-        for task in (self._player, self._reader):
-            if task is not None:
-                task.cancel()
-        await self.ws.close()
-
-
-async def voice_client(app: LiveApp) -> VoiceClient:
-    return await VoiceClient(await connect(app.ws, max_size=None)).start()
+from tests.support.speech import espeak_16k, feed_realtime, frame, pcm16, piper_16k, silence, word_match
+from tests.support.voice_client import VoiceClient, voice_client
 
 
 async def test_spoken_question_gets_a_transcript_and_a_reply(live_app: LiveApp) -> None:
@@ -213,4 +133,50 @@ async def test_malformed_audio_frames_give_errors_and_the_session_stays_up(live_
     _, final = await c.wait_for("transcript", final=True)
     assert word_match(text, final["text"]) >= 0.75
     await c.wait_for("turn_done", timeout=90)
+    await c.close()
+
+
+async def _played_out(c: VoiceClient, turn_id: int) -> None:
+    """Wait until the reply has been played to its end (its turn is done and its last second has played)."""
+    _, done = await c.wait_for("turn_done", turn_id=turn_id, timeout=120)
+    await asyncio.sleep(max(0.0, c.media_at[turn_id][0] + done["media_ms"] / 1000 + 0.8 - time.perf_counter()))
+
+
+async def test_the_avatars_own_voice_through_speakers_is_not_a_barge_in(live_app: LiveApp) -> None:
+    c = await VoiceClient(await connect(live_app.ws, max_size=None)).start()
+    c.speaker = SpeakerMic(c.ws, delay_ms=120, gain_db=-6, rt60_s=0.3).start()
+    ignored = metrics.ECHOES._value.get()
+    await c.send(type="user_text", text="Tell me a story about a dragon who learns to bake bread.")
+    _, start = await c.wait_for("turn_start")
+    await _played_out(c, start["turn_id"])
+    kinds = [k for _, k, _ in c.log]
+    assert "interrupt" not in kinds and "speech_start" not in kinds and "transcript" not in kinds, kinds
+    assert kinds.count("turn_start") == 1
+    # Not vacuous: the echo was loud enough for the VAD to hear speech, and the check said it was the avatar.
+    assert metrics.ECHOES._value.get() > ignored
+    await c.speaker.close()
+    await c.close()
+
+
+async def test_the_person_talking_over_the_echo_still_barges_in(live_app: LiveApp) -> None:
+    c = await VoiceClient(await connect(live_app.ws, max_size=None)).start()
+    question = "Stop, tell me about the sun instead."
+    voice = piper_16k(question)  # before the mic runs: synthesis blocks this loop
+    c.speaker = SpeakerMic(c.ws, delay_ms=120, gain_db=-6, rt60_s=0.3, seed=1).start()
+    await c.send(type="user_text", text="Tell me a long story about a brave knight and his horse.")
+    _, start = await c.wait_for("turn_start")
+    first = start["turn_id"]
+    await c.wait_for("media_start", turn_id=first)
+    await asyncio.sleep(1.5)  # the echo path is known by now: the reply has played for a while
+    mark = len(c.log)
+    c.speaker.say(voice)
+    t_int, interrupt = await c.wait_for("interrupt", after=mark, timeout=10)
+    assert interrupt["turn_id"] == first
+    assert c.speaker.voice_started is not None
+    onset = c.speaker.voice_started + int(np.argmax(np.abs(voice) > 0.02)) / 16000
+    assert t_int - onset < 0.8, t_int - onset
+    # The new question is heard without the avatar's words before it.
+    _, final = await c.wait_for("transcript", after=mark, final=True, timeout=30)
+    assert word_match(question, final["text"]) >= 0.7, final["text"]
+    await c.speaker.close()
     await c.close()

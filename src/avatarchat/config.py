@@ -305,7 +305,15 @@ class VoiceConfig(BaseModel):
     max_utterance_s: float = Field(30.0, gt=1, description="A longer utterance is cut and answered.")
     barge_in: bool = Field(True, description="Speech while the avatar talks interrupts it.")
     barge_in_min_ms: int = Field(
-        500, ge=0, description="Echo guard: voiced time needed to interrupt while the avatar speaks."
+        500, ge=0, description="With echo_check off: voiced time needed to interrupt while the avatar speaks."
+    )
+    echo_check: bool = Field(
+        True, description="While the avatar speaks, speech that its own audio explains (an echo through speakers) "
+        "is ignored; barge-in needs speech it does not explain, after speech_confirm_ms."
+    )
+    echo_threshold: float = Field(
+        0.7, gt=0, lt=1, description="Echo check: the share of the newest 0.3 s of sound the avatar's audio must "
+        "leave unexplained for it to be the person."
     )
     max_audio_frame_bytes: int = Field(32768, ge=512, description="Largest binary audio frame accepted.")
 

@@ -29,6 +29,10 @@ TURNS = Counter("avatarchat_turns_total", "Finished turns by how they ended.", [
 ERRORS = Counter("avatarchat_errors_total", "Error events sent to clients, by code.", ["code"], registry=REGISTRY)
 READY = Gauge("avatarchat_ready", "1 once the models are loaded.", registry=REGISTRY)
 BARGE_INS = Counter("avatarchat_barge_ins_total", "Replies interrupted by the person speaking.", registry=REGISTRY)
+ECHOES = Counter(
+    "avatarchat_echoes_ignored_total", "Sounds while the avatar spoke that were its own voice, not a barge-in.",
+    registry=REGISTRY,
+)
 SPECULATIONS = Counter(
     "avatarchat_speculative_replies_total",
     "Replies started during the end-of-turn silence, by whether they were used or discarded.",

@@ -16,6 +16,7 @@ from avatarchat.engines.avatar.base import AvatarRendererProtocol, SpeechTrack, 
 from avatarchat.engines.avatar.visemes import mouth_track
 from avatarchat.engines.types import Speech
 from avatarchat.engines.video.fmp4 import Fmp4Stream
+from avatarchat.pipeline.echo import band_energy
 
 _MARKUP = re.compile(r"[*_#`~>|]+|\[(.*?)\]\((?:.*?)\)")
 _EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf\ufe0f]")
@@ -43,6 +44,7 @@ class Piece:
     text: str
     audio: np.ndarray
     mouth: np.ndarray
+    bands: np.ndarray | None = None  # band energies of the audio, for the echo check
 
     @property
     def frames(self) -> int:
@@ -76,7 +78,7 @@ class Timeline:
         audio = np.pad(audio, (0, max(0, target - len(audio))))[:target]
         self.frames += n_frames
         self.samples += target
-        return Piece(speech.text, audio, mouth_track(speech, self.fps, n_frames))
+        return Piece(speech.text, audio, mouth_track(speech, self.fps, n_frames), band_energy(audio, self.audio_rate))
 
 
 def speech_track(renderer: AvatarRendererProtocol, audio_rate: int, fps: int) -> SpeechTrack | None:

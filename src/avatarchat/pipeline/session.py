@@ -20,6 +20,7 @@ from avatarchat import metrics
 from avatarchat.config import SessionConfig
 from avatarchat.engines.llm.base import LLMEngine, Prefills, conversation
 from avatarchat.pipeline.avatar_media import AvatarMedia
+from avatarchat.pipeline.echo import EchoReference
 from avatarchat.pipeline.capacity import Capacity
 from avatarchat.pipeline.history import History
 from avatarchat.pipeline.turn import Sender, Turn, TurnError, TurnResult
@@ -122,6 +123,13 @@ class Session:
         if self.busy:
             return turn.first_media_at is not None
         return self.played_ms(turn) < turn.media_ms
+
+    def echo_source(self) -> tuple[EchoReference, float] | None:
+        """What the avatar said in the turn the person hears now, and where playback is in it (ms)."""
+        turn = self._turn
+        if turn is None or self._gate is not None:
+            return None
+        return turn.echo, self.played_ms(turn)
 
     def played_ms(self, turn: Turn) -> float:
         """How much of ``turn``'s media the person has heard: the client's report, else wall-clock time."""

@@ -24,6 +24,7 @@ from avatarchat.pipeline.avatar_media import AvatarMedia, MediaError, MediaStrea
 from avatarchat.pipeline.capacity import Capacity
 from avatarchat.pipeline.history import History, cjk_count, with_language_cue
 from avatarchat.pipeline import scheduler as sched
+from avatarchat.pipeline.echo import EchoReference
 from avatarchat.pipeline.media import Piece, Timeline, speakable
 from avatarchat.pipeline.segmenter import Segmenter
 
@@ -100,6 +101,7 @@ class Turn:
         self._opening: asyncio.Future[MediaStream] | None = None  # the stream, prepared while the LLM and TTS work
         self._timeline: Timeline | None = None
         self.sentences: list[tuple[int, int, str]] = []  # (start ms, duration ms, text) of each spoken piece
+        self.echo = EchoReference()  # what was said, for telling the avatar's voice from the person's
         self.discarded = False  # a speculative turn that was dropped: it leaves no trace in the history
         self._cut_ms = 0.0  # estimated speech of the pieces the LLM's text has been cut into so far
 
@@ -255,6 +257,8 @@ class Turn:
                 duration_ms=round(piece.frames * 1000 / self._s.avatar.fps),
             )
             self.sentences.append((start_ms, round(piece.frames * 1000 / self._s.avatar.fps), piece.text))
+            if piece.bands is not None:
+                self.echo.add(piece.bands, start_ms)
             pos = 0
             fed = 0  # samples of this piece's audio given to the encoder
             while pos < piece.frames:

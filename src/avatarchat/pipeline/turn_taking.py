@@ -36,6 +36,7 @@ class State(enum.Enum):
 @dataclass(frozen=True)
 class SpeechStart:
     voiced_ms: int
+    utterance_id: int
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ class TurnTaker:
     def utterance_id(self) -> int:
         return self._utterance_id
 
+    @property
+    def voiced_ms(self) -> int:
+        return self._voiced_ms
+
     def reset(self) -> None:
         self._vad.reset()
         self.state = State.SILENT
@@ -130,7 +135,7 @@ class TurnTaker:
                 self._utterance_id += 1
                 self._since_partial = 0
                 self._speculated = False
-                return [SpeechStart(self._voiced_ms)]
+                return [SpeechStart(self._voiced_ms, self._utterance_id)]
             if self._silent_ms >= max(v.speech_confirm_ms, 2 * ms):
                 self._drop_to_silent()  # a blip (a click, a cough): not speech
             return []
@@ -164,6 +169,11 @@ class TurnTaker:
             events.append(EndOfTurn(self._audio(), self._utterance_id, 0))
             self._drop_to_silent()
         return events
+
+    def keep_last(self, ms: int) -> None:
+        """Forget all but the last ``ms`` of the current utterance (what came before was not the person's)."""
+        keep = max(1, -(-ms // self._window_ms))
+        self._utt = self._utt[-keep:]
 
     def _audio(self) -> np.ndarray:
         return np.concatenate(self._utt) if self._utt else np.zeros(0, np.float32)

@@ -19,6 +19,7 @@ import numpy as np
 from avatarchat import metrics
 from avatarchat.engines.asr.base import ASRError
 from avatarchat.engines.asr.queue import FINAL, PARTIAL
+from avatarchat.pipeline.echo import EchoCheck, band_energy
 from avatarchat.pipeline.turn_taking import EndOfTurn, Partial, Resumed, SpeechStart, Speculate, State, TurnTaker
 
 if TYPE_CHECKING:
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from avatarchat.pipeline.turn import Turn
 
 log = logging.getLogger(__name__)
+
+_MIC_KEEP = 2 * 16000  # the echo check's window (1.8 s) and a little more
+_RECHECK = 1024  # a held utterance is checked again every 64 ms of audio
 
 
 @dataclass
@@ -48,6 +52,12 @@ class VoiceInput:
         self._spec: _Speculation | None = None
         self._final: asyncio.Task[None] | None = None
         self._asr_ms = 0
+        self._echo = EchoCheck()
+        self._mic = np.zeros(0, np.float32)  # the last seconds of the microphone, for the echo check
+        self._mic_samples = 0
+        self._held: int | None = None  # an utterance that may be the avatar's own voice: not the person's yet
+        self._checked_at = 0
+        self._echo_at: int | None = None  # when the held utterance was last found to be an echo
 
     @property
     def last_asr_ms(self) -> int:
@@ -58,17 +68,25 @@ class VoiceInput:
         """Take one frame of 16 kHz mono signed 16-bit little-endian PCM."""
         samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
         session = self._session
-        # Echo guard: while the avatar talks, only longer speech counts as a barge-in.
+        self._mic = np.concatenate([self._mic, samples])[-_MIC_KEEP:]
+        self._mic_samples += len(samples)
         speaking = session.speaking
+        checking = self._voice.barge_in and self._voice.echo_check
+        # Without the echo check, a fixed guard: while the avatar talks, only longer speech counts.
         self.taker.confirm_ms = (
-            max(self._voice.speech_confirm_ms, self._voice.barge_in_min_ms) if speaking else self._voice.speech_confirm_ms
+            max(self._voice.speech_confirm_ms, self._voice.barge_in_min_ms)
+            if speaking and not checking else self._voice.speech_confirm_ms
         )
         for event in self.taker.push(samples):
             if isinstance(event, SpeechStart):
-                await session.send.event("speech_start", voiced_ms=event.voiced_ms)
-                if speaking and self._voice.barge_in:
-                    metrics.BARGE_INS.inc()
-                    await session.interrupt()
+                if speaking and checking and not self._person():
+                    self._held = event.utterance_id  # the avatar's own voice, or not yet known: wait
+                    continue
+                await self._speech_started(event.voiced_ms, speaking)
+            elif self._held is not None:
+                if isinstance(event, EndOfTurn):
+                    self._held = None
+                    metrics.ECHOES.inc()
             elif isinstance(event, Partial):
                 if self._partial is None or self._partial.done():
                     self._partial = asyncio.create_task(self._run_partial(event.audio, self.taker.utterance_id))
@@ -81,6 +99,35 @@ class VoiceInput:
                 await self._drop_speculation()
             elif isinstance(event, EndOfTurn):
                 self._final = asyncio.create_task(self._finish(event))
+        # A held utterance is checked again while it sounds like speech (its trailing silence says nothing).
+        if self._held is not None and self.taker.state is State.SPEAKING and self._mic_samples - self._checked_at >= _RECHECK:
+            if self._person():
+                # The person, over the avatar's voice: keep only their part of the utterance.
+                self._held = None
+                if self._echo_at is not None:
+                    self.taker.keep_last(round((self._mic_samples - self._echo_at) * 1000 / 16000) + 300)
+                await self._speech_started(self.taker.voiced_ms, session.speaking)
+
+    async def _speech_started(self, voiced_ms: int, speaking: bool) -> None:
+        self._echo_at = None
+        await self._session.send.event("speech_start", voiced_ms=voiced_ms)
+        if speaking and self._voice.barge_in:
+            metrics.BARGE_INS.inc()
+            await self._session.interrupt()
+
+    def _person(self) -> bool:
+        """Is the newest sound the person, not the avatar's voice coming back through the microphone?"""
+        self._checked_at = self._mic_samples
+        source = self._session.echo_source()
+        if source is None:
+            return True
+        left = self._echo.unexplained(band_energy(self._mic), *source)
+        if left is None:
+            return False  # too early in the reply to tell: wait for more of it
+        if left < self._voice.echo_threshold:
+            self._echo_at = self._mic_samples
+            return False
+        return True
 
     async def _timed_asr(self, audio: np.ndarray) -> str:
         start = time.perf_counter()
