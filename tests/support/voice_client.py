@@ -63,8 +63,12 @@ class VoiceClient:
             t0 = time.perf_counter()
             while True:
                 await asyncio.sleep(0.1)
-                await self.send(type="playback", turn_id=turn_id, position_ms=(time.perf_counter() - t0) * 1000,
-                                playing=True)
+                if self.speaker is None:
+                    await self.send(type="playback", turn_id=turn_id, position_ms=(time.perf_counter() - t0) * 1000,
+                                    playing=True)
+                else:  # on the microphone's clock, as the page reports it
+                    await self.send(type="playback", turn_id=turn_id, position_ms=self.speaker.position_ms(turn_id),
+                                    playing=self.speaker.playing(turn_id), mic_samples=self.speaker.samples)
 
         self._player = asyncio.create_task(play())
 

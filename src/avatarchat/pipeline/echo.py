@@ -13,6 +13,7 @@ speaking differently each time, and costs about a millisecond per check.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,17 +81,55 @@ class EchoPath:
     gain: np.ndarray
 
 
+class PlaybackClock:
+    """Where playback of one turn was at each microphone sample, from the client's reports (each read at a known
+    mic sample). Playback stalls when media runs late, so one straight line from the last report is not enough:
+    after a stall the older part of the check's window would be shifted against the reply."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._reports: deque[tuple[int, float, bool]] = deque(maxlen=keep)  # (mic sample, position ms, playing)
+
+    def report(self, mic_samples: int, position_ms: float, playing: bool) -> None:
+        if self._reports and mic_samples < self._reports[-1][0]:
+            self._reports.clear()  # the client's microphone restarted
+        self._reports.append((mic_samples, position_ms, playing))
+
+    def __bool__(self) -> bool:
+        return bool(self._reports)
+
+    def known_until(self, now: int) -> int:
+        """The newest mic sample whose playback position is known: after a report of a stalled player it may have
+        resumed at any time (the next report says), while a playing one is followed by extrapolation."""
+        if not self._reports or self._reports[-1][2]:
+            return now
+        return min(now, self._reports[-1][0])
+
+    def positions(self, samples: np.ndarray) -> np.ndarray:
+        """The playback position (ms) at each mic sample in ``samples`` (ascending). Between two reports a
+        playing player is assumed to have played, then stalled; a stalled one to have waited, then played."""
+        r = np.array(self._reports, dtype=np.float64)
+        mic, pos, playing = r[:, 0], r[:, 1], r[:, 2] > 0
+        k = np.clip(np.searchsorted(mic, samples, side="right") - 1, 0, len(r) - 1)
+        ahead = pos[k] + np.where(playing[k], (samples - mic[k]) / 16, 0.0)
+        nxt = np.minimum(k + 1, len(r) - 1)
+        has_next = (k + 1 < len(r)) & (samples >= mic[0])
+        played_then_stalled = np.minimum(ahead, pos[nxt])
+        waited_then_played = np.maximum(pos[k], pos[nxt] - (mic[nxt] - samples) / 16)
+        out = np.where(has_next, np.where(playing[k], played_then_stalled, waited_then_played), ahead)
+        return np.where(samples < mic[0], pos[0] - np.where(playing[0], (mic[0] - samples) / 16, 0.0), out)
+
+
 class EchoCheck:
     """One session's echo check. Remembers the last echo path it was sure of, for the start of a reply."""
 
     def __init__(self, max_lead_ms: float = 200, max_lag_ms: float = 400) -> None:
-        self._lags = range(-round(max_lead_ms / HOP_MS), round(max_lag_ms / HOP_MS) + 1)
+        self._lags = np.arange(-round(max_lead_ms / HOP_MS), round(max_lag_ms / HOP_MS) + 1)
         self.path: EchoPath | None = None
 
-    def unexplained(self, mic: np.ndarray, ref: EchoReference, position_ms: float) -> float | None:
-        """The share of the newest 0.3 s of ``mic`` (band energies ending now) that the avatar's audio does not
-        explain: near 0 for an echo, near 1 for a person. ``position_ms``: the playback position now. None when
-        too little of the reply has played to tell, and no echo path is known yet."""
+    def unexplained(self, mic: np.ndarray, ref: EchoReference, positions_ms: np.ndarray) -> float | None:
+        """The share of the newest 0.3 s of ``mic`` (band energies) that the avatar's audio does not explain:
+        near 0 for an echo, near 1 for a person. ``positions_ms``: the playback position when each mic frame
+        ended. None when too little of the reply has played to tell, and no echo path is known yet."""
         n = min(len(mic), FIT_FRAMES + TEST_FRAMES)
         if n < TEST_FRAMES + 8:
             return None
@@ -99,24 +138,23 @@ class EchoCheck:
         test_energy = m_test.sum()
         if test_energy <= 0:
             return 0.0
-        end = round(position_ms / HOP_MS)
-        lags = np.arange(self._lags.start, self._lags.stop)
+        at = np.rint(np.asarray(positions_ms[-n:], np.float64) / HOP_MS).astype(np.int64) - 1  # ref frame per mic frame
+        lags = self._lags
         run_in = 32  # frames before the earliest one used, for the smoothing to settle
-        lo = end - n - lags[-1] - 1 - run_in
-        ref_all = ref.window(lo, end - lags[0]).astype(np.float64)
-        starts = end - n - lo - lags  # where each lag's window of the reference starts in ref_all
+        lo = int(at.min()) - int(lags[-1]) - run_in
+        ref_all = ref.window(lo, int(at.max()) - int(lags[0]) + 1).astype(np.float64)
+        idx = at[None, :] - lags[:, None] - lo  # (lags, frames) into ref_all
         # Enough of the reply in the fit even at the longest delay? Else any gain would fit, and the lags that
         # see more of the reply would win for the wrong reason.
-        latest = ref_all[starts[-1] : starts[-1] + n - TEST_FRAMES].sum(1)
+        latest = ref_all[idx[-1, :-TEST_FRAMES]].sum(1)
         held_out = latest.any() and np.count_nonzero(latest > 1e-3 * latest.max()) >= MIN_FIT_FRAMES
         if not held_out and self.path is not None:
             p = self.path
-            y = _smooth(ref_all, p.smoothing)[end - p.lag - lo - TEST_FRAMES : end - p.lag - lo]
+            y = _smooth(ref_all, p.smoothing)[at[-TEST_FRAMES:] - p.lag - lo]
             return float(np.maximum(m_test - p.gain * y, 0).sum() / test_energy)
         best: tuple[float, int, float, np.ndarray] | None = None
         for a in _SMOOTHING:
-            # Every lag's window at once: (lags, frames, bands).
-            y = np.lib.stride_tricks.sliding_window_view(_smooth(ref_all, a), n, axis=0)[starts].transpose(0, 2, 1)
+            y = _smooth(ref_all, a)[idx]  # every lag's window at once: (lags, frames, bands)
             y_test = y[:, -TEST_FRAMES:]
             if held_out:  # per-band gains fitted on the older part, tested on the newest
                 y_fit = y[:, :-TEST_FRAMES]

@@ -36,19 +36,29 @@ def with_language_cue(text: str) -> str:
     return text + _CUES[script_language(text)]
 
 
+# The person asks about what they interrupted: the cut-short exchange stays in the prompt.
+_REFERS_BACK = re.compile(
+    r"\b(repeat|again|continue|go on|keep going|carry on|finish|you were saying|what did you say|last part|before)\b"
+    r"|继续|再说|重复|刚才|接着|说完",
+    re.IGNORECASE,
+)
+
+
 @dataclass
 class History:
     system_prompt: str
     budget: int
     count_tokens: Callable[[str], int] = approx_tokens
     _messages: list[ChatMessage] = field(default_factory=list)
+    _cut_short: bool = False  # the newest reply was interrupted
 
     def add(self, role: str, content: str) -> None:
         if content:
             self._messages.append(ChatMessage(role, content, self.count_tokens(content) + 4))
+            self._cut_short = False
         self._trim()
 
-    def replace_last_reply(self, content: str) -> bool:
+    def replace_last_reply(self, content: str, *, interrupted: bool = False) -> bool:
         """Replace the newest assistant message (e.g. with the part the person heard before interrupting)."""
         for i in range(len(self._messages) - 1, -1, -1):
             if self._messages[i].role == "assistant":
@@ -56,15 +66,24 @@ class History:
                     self._messages[i] = ChatMessage("assistant", content, self.count_tokens(content) + 4)
                 else:
                     del self._messages[i]
+                self._cut_short = interrupted
                 return True
             if self._messages[i].role == "user":
                 return False
         return False
 
     def messages(self, user_text: str | None = None) -> list[dict[str, str]]:
-        """The prompt: system prompt, the history that fits the budget, then ``user_text``."""
+        """The prompt: system prompt, the history that fits the budget, then ``user_text``.
+
+        Right after a barge-in the interrupted exchange is left out of the prompt (it stays in the history),
+        unless the person refers back to it: with it in, the embedded model went on with the old answer instead
+        of the new question in 5-7 of 24 trials, without it in 2 of 24 (BENCHMARKS.md, "Barge-in")."""
+        kept = self._messages
+        if self._cut_short and user_text is not None and not _REFERS_BACK.search(user_text):
+            users = [i for i, m in enumerate(kept) if m.role == "user"]
+            kept = kept[: users[-1]] if users else kept  # from the question that reply answered on
         out = [{"role": "system", "content": self.system_prompt}]
-        out += [m.as_dict() for m in self._messages]
+        out += [m.as_dict() for m in kept]
         if user_text is not None:
             out.append({"role": "user", "content": user_text})
         return out

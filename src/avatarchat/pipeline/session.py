@@ -14,13 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import psutil
 
 from avatarchat import metrics
 from avatarchat.config import SessionConfig
 from avatarchat.engines.llm.base import LLMEngine, Prefills, conversation
 from avatarchat.pipeline.avatar_media import AvatarMedia
-from avatarchat.pipeline.echo import EchoReference
+from avatarchat.pipeline.echo import EchoReference, PlaybackClock
 from avatarchat.pipeline.capacity import Capacity
 from avatarchat.pipeline.history import History
 from avatarchat.pipeline.turn import Sender, Turn, TurnError, TurnResult
@@ -81,6 +82,7 @@ class Playback:
     position_ms: float
     playing: bool
     at: float  # perf_counter() of the report
+    mic_samples: int | None = None  # microphone samples the client had sent when it read the position
 
 
 class Session:
@@ -102,6 +104,7 @@ class Session:
         self._task: asyncio.Task[None] | None = None
         self._gate: GatedSender | None = None  # set while the running turn is speculative
         self._playback: Playback | None = None
+        self._clock = PlaybackClock()  # the current turn's playback against the client's microphone samples
         self._prefill: asyncio.Task[None] | None = None
         self._on_idle = on_idle
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -124,12 +127,18 @@ class Session:
             return turn.first_media_at is not None
         return self.played_ms(turn) < turn.media_ms
 
-    def echo_source(self) -> tuple[EchoReference, float] | None:
-        """What the avatar said in the turn the person hears now, and where playback is in it (ms)."""
+    def echo_source(self, samples: np.ndarray, now: int) -> tuple[EchoReference, np.ndarray] | None:
+        """What the avatar said in the turn the person hears now, and where its playback was (ms) at the
+        microphone's ``samples`` (``now``: the newest), as far as that is known (the first ones). From the
+        client's own clock when its reports say which mic sample they were read at; arrival times would shift
+        with every burst of the network or of a busy client."""
         turn = self._turn
         if turn is None or self._gate is not None:
             return None
-        return turn.echo, self.played_ms(turn)
+        if self._clock and self._playback is not None and self._playback.turn_id == turn.turn_id:
+            samples = samples[samples <= self._clock.known_until(now)]
+            return turn.echo, self._clock.positions(samples)
+        return turn.echo, self.played_ms(turn) - (now - samples) / 16
 
     def played_ms(self, turn: Turn) -> float:
         """How much of ``turn``'s media the person has heard: the client's report, else wall-clock time."""
@@ -154,6 +163,7 @@ class Session:
     def start_voice(self) -> VoiceInput:
         if self.voice is None:
             self.voice = VoiceInput(self)
+        self.voice.restart_clock()
         return self.voice
 
     async def user_text(self, text: str, t0: float | None = None, *, held: bool = False) -> Turn:
@@ -213,11 +223,15 @@ class Session:
         heard = turn.played_text(self.played_ms(turn))
         await self.send.event("interrupt", turn_id=turn.turn_id, heard=heard)
         await self.cancel_turn("interrupted")
-        self.history.replace_last_reply(heard)
+        self.history.replace_last_reply(heard, interrupted=True)
         self._turn = None
 
-    def playback(self, turn_id: int, position_ms: float, playing: bool) -> None:
-        self._playback = Playback(turn_id, position_ms, playing, time.perf_counter())
+    def playback(self, turn_id: int, position_ms: float, playing: bool, mic_samples: int | None = None) -> None:
+        if self._playback is None or self._playback.turn_id != turn_id:
+            self._clock = PlaybackClock()
+        self._playback = Playback(turn_id, position_ms, playing, time.perf_counter(), mic_samples)
+        if mic_samples is not None:
+            self._clock.report(mic_samples, position_ms, playing)
 
     async def _run(self, turn: Turn) -> None:
         conversation.set(self.id)  # this task's context: the local LLM keeps this session's KV state apart

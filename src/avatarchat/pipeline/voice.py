@@ -19,7 +19,7 @@ import numpy as np
 from avatarchat import metrics
 from avatarchat.engines.asr.base import ASRError
 from avatarchat.engines.asr.queue import FINAL, PARTIAL
-from avatarchat.pipeline.echo import EchoCheck, band_energy
+from avatarchat.pipeline.echo import HOP, EchoCheck, band_energy
 from avatarchat.pipeline.turn_taking import EndOfTurn, Partial, Resumed, SpeechStart, Speculate, State, TurnTaker
 
 if TYPE_CHECKING:
@@ -108,6 +108,12 @@ class VoiceInput:
                     self.taker.keep_last(round((self._mic_samples - self._echo_at) * 1000 / 16000) + 300)
                 await self._speech_started(self.taker.voiced_ms, session.speaking)
 
+    def restart_clock(self) -> None:
+        """The client (re)started its microphone: its sample count starts again at zero."""
+        self._mic_samples = self._checked_at = 0
+        self._echo_at = None
+        self._mic = np.zeros(0, np.float32)
+
     async def _speech_started(self, voiced_ms: int, speaking: bool) -> None:
         self._echo_at = None
         await self._session.send.event("speech_start", voiced_ms=voiced_ms)
@@ -118,10 +124,15 @@ class VoiceInput:
     def _person(self) -> bool:
         """Is the newest sound the person, not the avatar's voice coming back through the microphone?"""
         self._checked_at = self._mic_samples
-        source = self._session.echo_source()
+        bands = band_energy(self._mic)
+        ends = self._mic_samples - len(self._mic) + HOP * np.arange(1, len(bands) + 1)  # each frame's last sample
+        source = self._session.echo_source(ends, self._mic_samples)
         if source is None:
             return True
-        left = self._echo.unexplained(band_energy(self._mic), *source)
+        ref, positions = source
+        left = self._echo.unexplained(bands[: len(positions)], ref, positions)
+        log.debug("echo check", extra={"session": self._session.id, "position_ms": round(float(positions[-1])) if len(positions) else None,
+                                       "unexplained": None if left is None else round(left, 3)})
         if left is None:
             return False  # too early in the reply to tell: wait for more of it
         if left < self._voice.echo_threshold:

@@ -202,6 +202,9 @@ def parse_event(text: str, max_chars: int) -> dict[str, Any]:
             raise ProtocolError("invalid_field", "playback needs an integer 'turn_id' and a number 'position_ms'")
         if not isinstance(event.get("playing", True), bool):
             raise ProtocolError("invalid_field", "playback 'playing' must be a boolean")
+        mic = event.get("mic_samples")
+        if mic is not None and (not isinstance(mic, int) or isinstance(mic, bool) or not 0 <= mic <= 2**53):
+            raise ProtocolError("invalid_field", "playback 'mic_samples' must be a non-negative integer")
     elif kind == "session.update":
         _check_update(event)
     elif kind == "hello":
@@ -492,7 +495,8 @@ async def _handle(message: Message, session: Session, sender: WebSocketSender, t
             return
         await sender.event("session.updated", settings=session_settings(session))
     elif kind == "playback":
-        session.playback(event["turn_id"], float(event["position_ms"]), bool(event.get("playing", True)))
+        session.playback(event["turn_id"], float(event["position_ms"]), bool(event.get("playing", True)),
+                         event.get("mic_samples"))
 
 
 async def _expire(ws: WebSocket, sender: WebSocketSender) -> None:
