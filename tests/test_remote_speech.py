@@ -19,6 +19,7 @@ from avatarchat.engines.registry import ASR_ENGINES, TTS_ENGINES
 from avatarchat.engines.tts.base import RemoteTTSEngine, TTSError
 from avatarchat.engines.tts.openai_speech import OpenAISpeechEngine
 from tests.support.live_app import LiveApp
+from tests.support.openai_server import Behaviour
 from tests.support.speech import feed_realtime, piper_16k, silence, word_match
 from tests.support.speech_server import SpeechBehaviour, SpeechTestServer
 from tests.support.voice_client import voice_client
@@ -320,3 +321,22 @@ def test_doctor_checks_the_edge_package(capsys: pytest.CaptureFixture[str], monk
     main(["doctor", "--files"])
     line = next(x for x in capsys.readouterr().out.splitlines() if "edge-tts" in x)
     assert "FAILED" not in line, line
+
+
+@pytest.mark.parametrize("reply", ["😊 👍 🎉", "**", "```\n```"])
+async def test_a_reply_with_nothing_to_say_is_answered_with_a_short_spoken_word(
+    server: SpeechTestServer, remote_app: LiveApp, reply: str
+) -> None:
+    server.behaviour.reply = reply
+    try:
+        c = await voice_client(remote_app)
+        await c.send(type="user_text", text="How do you feel today?")
+        _, start = await c.wait_for("turn_start")
+        _, done = await c.wait_for("turn_done", timeout=60)
+        assert done["reason"] == "complete" and done["media_ms"] > 0, done
+        assert [s["text"] for s in c.events("sentence")] == ["Hmm."]
+        assert [r["body"]["input"] for r in server.audio_requests if r["route"] == "speech"] == ["Hmm."]
+        assert c.media_at.get(start["turn_id"])
+        await c.close()
+    finally:
+        server.behaviour.reply = Behaviour().reply

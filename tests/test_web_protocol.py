@@ -26,12 +26,21 @@ import pytest
         ('{"type":"session.update","avatar":7}', "avatar must be"),
         ('{"type":"session.update","llm":"gpt"}', "llm must be"),
         ('{"type":"session.update","llm":{"model":3}}', "llm must be"),
+        ('{"type":"playback","turn_id":1,"position_ms":5,"mic_samples":-1}', "mic_samples"),
+        ('{"type":"playback","turn_id":1,"position_ms":5,"mic_samples":1.5}', "mic_samples"),
+        ('{"type":"playback","turn_id":1,"position_ms":5,"mic_samples":true}', "mic_samples"),
+        ('{"type":"playback","turn_id":1,"position_ms":5,"mic_samples":"9"}', "mic_samples"),
     ],
 )
 def test_session_update_types_and_ranges(event: str, message: str) -> None:
     with pytest.raises(ProtocolError, match=message) as e:
         parse_event(event, 100)
     assert e.value.code == "invalid_field"
+
+
+def test_playback_may_say_at_which_mic_sample_it_was_read() -> None:
+    assert parse_event('{"type":"playback","turn_id":1,"position_ms":5,"mic_samples":16000}', 100)["mic_samples"] == 16000
+    assert "mic_samples" not in parse_event('{"type":"playback","turn_id":1,"position_ms":5}', 100)
 
 
 async def test_session_update_applies_per_session_and_rejects_what_the_server_lacks(live_app: LiveApp) -> None:

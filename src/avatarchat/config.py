@@ -377,6 +377,11 @@ class PipelineConfig(BaseModel):
         2, ge=1, le=4, description="Pieces cut early like the first, the word limit doubling each time (piece 2 must be ready before piece 1 ends)."
     )
     piece_max_chars: int = Field(300, ge=20, description="Force a cut in run-on text without punctuation.")
+    unspeakable_reply: dict[str, str] = Field(
+        {"en": "Hmm.", "zh": "嗯。"},
+        description="Said instead when a reply has nothing a voice can say (only emoji or markup), by the "
+        "language of the question: the avatar still answers, with speech and video.",
+    )
     queue_size: int = Field(4, ge=1, description="Bound of each queue between stages.")
     render_batch_frames: int = Field(5, ge=1, description="Frames rendered and encoded per worker call.")
     workers: int = Field(2, ge=1, description="CPU slots: units of live work (LLM steps, TTS, rendering) run at once; one per core.")

@@ -22,7 +22,7 @@ from avatarchat.engines.tts.base import RemoteTTSEngine, TTSEngine, TTSError
 from avatarchat.engines.types import Speech
 from avatarchat.pipeline.avatar_media import AvatarMedia, MediaError, MediaStream
 from avatarchat.pipeline.capacity import Capacity
-from avatarchat.pipeline.history import History, cjk_count, with_language_cue
+from avatarchat.pipeline.history import History, cjk_count, script_language, with_language_cue
 from avatarchat.pipeline import scheduler as sched
 from avatarchat.pipeline.echo import EchoReference
 from avatarchat.pipeline.media import Piece, Timeline, speakable
@@ -220,10 +220,20 @@ class Turn:
             _SYNTH_RTF.observe(took / max(speech.duration, 0.05))
             return timeline.prepare(speech)
 
-        while (text := await inp.get()) is not None:
+        said = False
+        while True:
+            text = await inp.get()
+            last = text is None
+            if last:
+                # Nothing speakable in the whole reply (emoji, markup): a short spoken stand-in, so it still answers.
+                fallbacks = self._s.pipeline.unspeakable_reply
+                text = "" if said else fallbacks.get(script_language(self.user_text), fallbacks.get("en", ""))
             spoken = speakable(text)
             if not spoken:
+                if last:
+                    break
                 continue
+            said = True
             # Due when the speech before it has played, less the time it takes to synthesize.
             due = self._next_speech_due() - _SYNTH_RTF.value * speech_ms_estimate(spoken) / 1000 / rate
             try:
@@ -238,6 +248,8 @@ class Turn:
                 raise TurnError("tts_failed", str(e)) from e
             self._mark("first_audio")
             await out.put(piece)
+            if last:
+                break
         await out.put(None)
 
     async def _media_stage(self, inp: asyncio.Queue[Piece | None]) -> None:

@@ -118,6 +118,7 @@ export class ChatClient {
   private lastUserText: string | null = null;
   private mic: MicHandle | null = null;
   private micSeq = 0;
+  private micSamples = 0; // sent since the last mic_start: the clock of the playback reports
   private closed = false;
   private noReconnect = false;
 
@@ -141,7 +142,10 @@ export class ChatClient {
         this.ui.soundBlocked = blocked;
         this.setState("speaking");
       },
-      report: (id, position_ms, playing) => this.send({ type: "playback", turn_id: id, position_ms, playing }),
+      // With the mic on, each report says which mic sample it was read at: the server lines the avatar's voice
+      // up with what the mic heard on this clock (its echo check), whatever the network does meanwhile.
+      report: (id, position_ms, playing) =>
+        this.send({ type: "playback", turn_id: id, position_ms, playing, ...(this.mic ? { mic_samples: this.micSamples } : {}) }),
       stalled: (id, at, ahead) => {
         const r = this.record(id);
         if (r && !r.ended) {
@@ -298,6 +302,7 @@ export class ChatClient {
       return;
     }
     this.micSeq = 0;
+    this.micSamples = 0;
     this.ui.micOn = true;
     if (this.player.element) this.player.element.muted = false;
     this.send({ type: "mic_start", sample_rate: 16000, format: "pcm_s16le" });
@@ -319,7 +324,10 @@ export class ChatClient {
   private onMicFrame(pcm: ArrayBuffer, level: number): void {
     this.ui.level = level;
     if (level > VOICE_LEVEL) this.lastVoiceAt = performance.now();
-    if (this.ws && this.ws.readyState === WebSocket.OPEN && this.ui.sessionId) this.ws.send(micFrame(pcm, this.micSeq++));
+    if (this.ws && this.ws.readyState === WebSocket.OPEN && this.ui.sessionId) {
+      this.ws.send(micFrame(pcm, this.micSeq++));
+      this.micSamples += pcm.byteLength / 2;
+    }
   }
 
   // ---- events ---------------------------------------------------------------------------------
@@ -336,7 +344,10 @@ export class ChatClient {
         this.setState(this.restState());
         this.update(this.opts.desired());
         for (const text of this.pending.splice(0)) this.send({ type: "user_text", text });
-        if (this.mic) this.send({ type: "mic_start", sample_rate: 16000, format: "pcm_s16le" });
+        if (this.mic) {
+          this.micSamples = 0; // the server counts again from this mic_start
+          this.send({ type: "mic_start", sample_rate: 16000, format: "pcm_s16le" });
+        }
         break;
       case "session.updated":
         this.ui.server = e.settings;

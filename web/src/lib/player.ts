@@ -48,6 +48,13 @@ export class AvatarPlayer {
       const b = t.sb?.buffered;
       const ahead = b && b.length ? b.end(b.length - 1) - video.currentTime : 0;
       this.hooks.stalled(t.id, video.currentTime, ahead);
+      this.report(t, false); // not moving: the server must not assume it plays on (its echo check would drift)
+    });
+    video.addEventListener("playing", () => {
+      const t = this.turn;
+      if (!t || !t.shown) return;
+      t.lastReport = 0; // moving again: say so at once
+      this.report(t, true);
     });
     video.addEventListener("timeupdate", () => {
       const t = this.turn;

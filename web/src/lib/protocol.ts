@@ -43,7 +43,7 @@ export type ClientEvent =
   | { type: "ping"; id?: unknown }
   | { type: "mic_start"; sample_rate: 16000; format: "pcm_s16le" }
   | { type: "mic_stop" }
-  | { type: "playback"; turn_id: number; position_ms: number; playing: boolean }
+  | { type: "playback"; turn_id: number; position_ms: number; playing: boolean; mic_samples?: number }
   | { type: "session.update"; rate?: number; silence_ms?: number; voice?: string; language?: string; llm?: { provider: string; model: string }; avatar?: string };
 
 /** A media frame from the server: its turn id and fMP4 payload, or null when the header is not ours. */

@@ -84,7 +84,10 @@ function onEvent(e) {
       }
       setState("ready", "ready");
       for (const text of state.pending.splice(0)) send({ type: "user_text", text });
-      if (state.mic) send({ type: "mic_start", sample_rate: 16000, format: "pcm_s16le" });
+      if (state.mic) {
+        state.mic.samples = 0; // the server counts again from this mic_start
+        send({ type: "mic_start", sample_rate: 16000, format: "pcm_s16le" });
+      }
       break;
     case "speech_start":
       setState("hearing", "hearing you…");
@@ -285,7 +288,9 @@ function reportPlayback(t, playing) {
   const now = performance.now();
   if (playing && t.lastReport && now - t.lastReport < 200) return;
   t.lastReport = now;
-  send({ type: "playback", turn_id: t.id, position_ms: Math.round(turnVideo.currentTime * 1000), playing });
+  // Read at a known mic sample: the server lines the avatar's voice up with what the mic heard (echo check).
+  const mic = state.mic ? { mic_samples: state.mic.samples } : {};
+  send({ type: "playback", turn_id: t.id, position_ms: Math.round(turnVideo.currentTime * 1000), playing, ...mic });
 }
 
 turnVideo.addEventListener("ended", () => {
@@ -345,7 +350,7 @@ async function startMic() {
   await ctx.audioWorklet.addModule("/static/mic-worklet.js");
   const source = ctx.createMediaStreamSource(stream);
   const node = new AudioWorkletNode(ctx, "mic-processor");
-  const mic = { ctx, node, stream, seq: 0 };
+  const mic = { ctx, node, stream, seq: 0, samples: 0 };
   node.port.onmessage = (ev) => {
     levelDot.style.transform = `scale(${1 + Math.min(2, ev.data.level * 8)})`;
     if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return;
@@ -356,6 +361,7 @@ async function startMic() {
     view.setUint32(4, mic.seq++);
     frame.set(pcm, 8);
     state.ws.send(frame);
+    mic.samples += pcm.length / 2;
   };
   source.connect(node);
   state.mic = mic;
