@@ -31,6 +31,7 @@ _SMOOTHING = (0.0, 0.5, 0.8)  # reverb: energy decay per hop (none, ~25 ms, ~70 
 TEST_FRAMES = round(300 / HOP_MS)
 FIT_FRAMES = round(1500 / HOP_MS)
 MIN_FIT_FRAMES = round(400 / HOP_MS)
+SHRINK = 0.2  # weight of the broadband gain in each band's, as a share of the mean band's reply energy
 EARLY_MARGIN = 0.15  # the early fit is cruder: an echo can leave up to ~0.8 unexplained by it
 
 
@@ -158,7 +159,11 @@ class EchoCheck:
             y_test = y[:, -TEST_FRAMES:]
             if held_out:  # per-band gains fitted on the older part, tested on the newest
                 y_fit = y[:, :-TEST_FRAMES]
-                gain = (m_fit * y_fit).sum(1) / np.maximum((y_fit * y_fit).sum(1), 1e-12)
+                # Per band, pulled toward the broadband gain where the band had little of the reply to go on.
+                my, yy = (m_fit * y_fit).sum(1), (y_fit * y_fit).sum(1)
+                broadband = my.sum(1, keepdims=True) / np.maximum(yy.sum(1, keepdims=True), 1e-12)
+                prior = SHRINK * yy.mean(1, keepdims=True)
+                gain = (my + prior * broadband) / np.maximum(yy + prior, 1e-12)
             else:  # early in a reply: one broadband gain over the whole window (too few parameters to fit a voice)
                 gain = ((m * y).sum((1, 2)) / np.maximum((y * y).sum((1, 2)), 1e-12))[:, None]
             left = np.maximum(m_test - np.maximum(gain, 0)[:, None, :] * y_test, 0).sum((1, 2)) / test_energy
