@@ -58,11 +58,13 @@ def free_port() -> int:
 @contextmanager
 def server(env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
+    log = os.environ.get("BENCH_SERVER_LOG")  # a file for the server's log (at BENCH_SERVER_LOG_LEVEL)
     proc = subprocess.Popen(
         [sys.executable, "-m", "avatarchat", "serve", "--port", str(port)],
-        env={**os.environ, "AVATARCHAT_SERVER__LOG_LEVEL": "warning", **(env or {})},
+        env={**os.environ, "AVATARCHAT_SERVER__LOG_LEVEL": os.environ.get("BENCH_SERVER_LOG_LEVEL", "warning"),
+             **(env or {})},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=open(log, "a") if log else subprocess.DEVNULL,  # noqa: SIM115 (the child holds it)
     )
     base = f"127.0.0.1:{port}"
     try:

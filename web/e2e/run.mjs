@@ -333,6 +333,73 @@ const voiceTests = {
   },
 };
 
+/** The page's own sound reaches its microphone, as from speakers in a room: getUserMedia answers with the turn
+ * video's audio (captureStream), delayed 120 ms, reverberant (RT60 0.3 s) and at half level; the fake mic file
+ * is not used. Chromium cannot route its output to its input, so the page does it. */
+function speakersIntoTheMic() {
+  const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = async (constraints) => {
+    (await real(constraints)).getTracks().forEach((t) => t.stop());
+    const ctx = new AudioContext();
+    const out = ctx.createMediaStreamDestination();
+    const delay = ctx.createDelay(1);
+    delay.delayTime.value = 0.12;
+    const room = ctx.createConvolver();
+    const n = Math.round(0.3 * ctx.sampleRate);
+    const ir = ctx.createBuffer(1, n, ctx.sampleRate);
+    const h = ir.getChannelData(0);
+    for (let i = 0; i < n; i++) h[i] = (i === 0 ? 3 : 0) + 0.5 * (Math.random() * 2 - 1) * Math.exp((-6.9 * i) / n);
+    room.buffer = ir;
+    const gain = ctx.createGain();
+    gain.gain.value = 0.5;
+    delay.connect(room).connect(gain).connect(out);
+    const video = document.querySelector("[data-testid=turn-video]");
+    const connected = new Set();
+    const tap = () => {
+      for (const track of video.captureStream().getAudioTracks()) {
+        if (connected.has(track.id)) continue;
+        connected.add(track.id);
+        ctx.createMediaStreamSource(new MediaStream([track])).connect(delay);
+      }
+    };
+    video.addEventListener("playing", tap);
+    video.addEventListener("loadedmetadata", tap);
+    return out.stream;
+  };
+}
+
+const echoTests = {
+  async the_avatars_voice_through_speakers_is_not_a_barge_in(browser) {
+    const context = await browser.newContext({ viewport: { width: 1200, height: 760 }, locale: "en-US" });
+    await context.addInitScript(speakersIntoTheMic);
+    const page = await context.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`${BASE}/`);
+    await page.waitForFunction(() => window.avatarChat && window.avatarChat.sessionId, null, { timeout: 60_000 });
+    const metric = async () => {
+      const text = await (await fetch(`${BASE}/metrics`)).text();
+      return Number(/^avatarchat_echoes_ignored_total (\S+)/m.exec(text)?.[1] ?? 0);
+    };
+    const before = await metric();
+    await page.click("[data-testid=mic]");
+    await page.waitForSelector("[data-mic-state=listening]", { timeout: 10_000 });
+    await typeMessage(page, "Tell me a story about a dragon who learns to bake bread.");
+    await waitTurn(page, "t.firstFrameAt", 60_000);
+    await waitTurn(page, "t.ended", 120_000);
+    await page.waitForTimeout(1500); // the room's tail
+    const turn = await lastTurn(page);
+    assert.equal(turn.reason, "complete", JSON.stringify(turn));
+    assert.equal(await page.evaluate(() => window.avatarChat.turns.length), 1, "the echo started no turn");
+    assert.deepEqual(await page.evaluate(() => window.avatarChat.heard), [], "the echo was not transcribed");
+    // Not vacuous: the reply reached the microphone loud enough to sound like speech, and was held back.
+    assert.ok((await metric()) > before, "the server heard speech in the echo, and held it back");
+    await page.click("[data-testid=mic]");
+    assert.deepEqual(errors, []);
+    await context.close();
+  },
+};
+
 const TEST_TIMEOUT_MS = Number(process.env.E2E_TEST_TIMEOUT_MS ?? 150_000);
 
 /** What the server was doing when a test failed: its sessions, capacity and recent turns. */
@@ -356,6 +423,7 @@ async function runAll() {
       : [
           [null, selected(tests)],
           [process.env.E2E_WAV, selected(voiceTests)],
+          [process.env.E2E_WAV, selected(echoTests)],
         ];
   for (const [wav, list] of suites) {
     if (!list.length) continue;

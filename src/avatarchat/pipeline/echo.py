@@ -126,6 +126,7 @@ class EchoCheck:
     def __init__(self, max_lead_ms: float = 200, max_lag_ms: float = 400) -> None:
         self._lags = np.arange(-round(max_lead_ms / HOP_MS), round(max_lag_ms / HOP_MS) + 1)
         self.path: EchoPath | None = None
+        self.last_lag_ms: float | None = None  # the delay of the best fit in the last check (for the logs)
 
     def unexplained(self, mic: np.ndarray, ref: EchoReference, positions_ms: np.ndarray) -> float | None:
         """The share of the newest 0.3 s of ``mic`` (band energies) that the avatar's audio does not explain:
@@ -170,6 +171,7 @@ class EchoCheck:
             if not held_out:
                 left[~y_test.any((1, 2))] = np.inf  # nothing of the reply in the newest part: no evidence
             k = int(np.argmin(left))
+            self.last_lag_ms = float(lags[k] * HOP_MS)
             if best is None or left[k] < best[0]:
                 best = (float(left[k]), int(lags[k]), a, np.broadcast_to(np.maximum(gain[k], 0), (m.shape[1],)).copy())
         assert best is not None

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_ECHO_TAIL_MS = 1000
+
 
 class SessionLimitError(Exception):
     def __init__(self, reason: str, message: str, retry_after_s: float | None = None) -> None:
@@ -139,6 +141,15 @@ class Session:
             samples = samples[samples <= self._clock.known_until(now)]
             return turn.echo, self._clock.positions(samples)
         return turn.echo, self.played_ms(turn) - (now - samples) / 16
+
+    @property
+    def may_echo(self) -> bool:
+        """Could the microphone still be hearing the avatar: it is talking, or stopped less than a second ago
+        (the room's delay and reverb, a player that stalled longer than its reports say)?"""
+        turn = self._turn
+        if turn is None or self._gate is not None:
+            return False
+        return self.speaking or self.played_ms(turn) < turn.media_ms + _ECHO_TAIL_MS
 
     def played_ms(self, turn: Turn) -> float:
         """How much of ``turn``'s media the person has heard: the client's report, else wall-clock time."""

@@ -71,7 +71,7 @@ class VoiceInput:
         self._mic = np.concatenate([self._mic, samples])[-_MIC_KEEP:]
         self._mic_samples += len(samples)
         speaking = session.speaking
-        checking = self._voice.barge_in and self._voice.echo_check
+        checking = self._voice.echo_check
         # Without the echo check, a fixed guard: while the avatar talks, only longer speech counts.
         self.taker.confirm_ms = (
             max(self._voice.speech_confirm_ms, self._voice.barge_in_min_ms)
@@ -79,7 +79,7 @@ class VoiceInput:
         )
         for event in self.taker.push(samples):
             if isinstance(event, SpeechStart):
-                if speaking and checking and not self._person():
+                if checking and session.may_echo and not self._person():
                     self._held = event.utterance_id  # the avatar's own voice, or not yet known: wait
                     continue
                 await self._speech_started(event.voiced_ms, speaking)
@@ -132,7 +132,8 @@ class VoiceInput:
         ref, positions = source
         left = self._echo.unexplained(bands[: len(positions)], ref, positions)
         log.debug("echo check", extra={"session": self._session.id, "position_ms": round(float(positions[-1])) if len(positions) else None,
-                                       "unexplained": None if left is None else round(left, 3)})
+                                       "unexplained": None if left is None else round(left, 3),
+                                       "lag_ms": self._echo.last_lag_ms})
         if left is None:
             return False  # too early in the reply to tell: wait for more of it
         if left < self._voice.echo_threshold:
