@@ -16,8 +16,10 @@ export interface CaptureOptions {
   autoGainControl: boolean;
 }
 
-// CAPTURE_DEFAULTS_COMMENT
-export const CAPTURE_DEFAULTS: CaptureOptions = { echoCancellation: false, noiseSuppression: false, autoGainControl: false };
+// By bench/bench_voice_page.py (page WER / direct WER, 24 utterances, 2 runs): echo cancellation with auto gain was
+// the best (1.17x clean, 1.03x at 20 dB SNR), all on 1.67x, EC alone 2.0x; noise suppression helped nowhere. EC stays
+// on so that the avatar's own voice from the speakers does not barge in.
+export const CAPTURE_DEFAULTS: CaptureOptions = { echoCancellation: true, noiseSuppression: false, autoGainControl: true };
 
 export async function openMic(onFrame: (pcm: ArrayBuffer, level: number) => void, capture: CaptureOptions): Promise<MicHandle> {
   let stream: MediaStream;
