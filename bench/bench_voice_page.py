@@ -7,8 +7,9 @@ and autoGainControl set in localStorage before the page loads. Conditions: clean
 whole file at 20 dB SNR; echo (an unrelated Piper reply under each question at -6 dB, as the avatar heard
 through speakers; mixed into the file, not played, so Chromium's echo canceller has no reference for it:
 this shows what the processing costs the question, not what cancellation removes). WER is over all 24
-utterances' words (the finals concatenated in order, so a dropped, split or merged utterance counts). Also: end of speech → first painted frame on the page
-(the client's requestVideoFrameCallback figure, as bench_web.py reads it) and the load average.
+utterances' words (the finals concatenated in order, so a dropped, split or merged utterance counts).
+Also: end of speech → first painted frame on the page (the client's requestVideoFrameCallback figure, as
+bench_web.py reads it) and the load average.
 
     PYTHONPATH=src:. .venv/bin/python bench/bench_voice_page.py   # all 8 on clean, 4 on noise/echo (~35 min)
     ... bench_voice_page.py --all                                 # all 8 everywhere (~twice as long)
