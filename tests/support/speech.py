@@ -111,6 +111,27 @@ def word_match(expected: str, got: str) -> float:
     return sum(w in have for w in want) / max(len(want), 1)
 
 
+def _edits(a: list[str] | str, b: list[str] | str) -> int:
+    """Levenshtein distance between two sequences (of words or characters)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[len(b)]
+
+
+def word_errors(expected: str, got: str) -> tuple[int, int]:
+    """(word edits, expected words) on lowercase words without punctuation: sum these over a set for its WER."""
+    want = words(expected)
+    return _edits(want, words(got)), len(want)
+
+
+def word_error_rate(expected: str, got: str) -> float:
+    edits, n = word_errors(expected, got)
+    return edits / max(n, 1)
+
+
 def hanzi(text: str) -> str:
     """The Chinese characters of ``text`` (punctuation, spaces and Latin dropped), for comparing transcripts."""
     return "".join(ch for ch in text if "\u3400" <= ch <= "\u9fff")
@@ -118,10 +139,5 @@ def hanzi(text: str) -> str:
 
 def char_error_rate(expected: str, got: str) -> float:
     """Character error rate on the Chinese characters: edit distance / expected length."""
-    a, b = hanzi(expected), hanzi(got)
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[len(b)] / max(len(a), 1)
+    a = hanzi(expected)
+    return _edits(a, hanzi(got)) / max(len(a), 1)

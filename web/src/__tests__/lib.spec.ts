@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { describeError, micFrame, parseMedia, wsUrl } from "../lib/protocol";
 import { checkUpload, MAX_UPLOAD_BYTES } from "../lib/api";
-import { loadSettings, STORAGE_KEY } from "../stores/settings";
+import { DEFAULTS, loadSettings, STORAGE_KEY } from "../stores/settings";
 import { HISTORY, errorsOption, latencyOption, median, pushPoint } from "../lib/monitor";
 import type { MonitorData, TurnSample } from "../lib/api";
 
@@ -62,6 +62,16 @@ describe("settings", () => {
     const s = loadSettings(store({ rate: 9, silenceMs: "long", avatar: 3 }));
     expect(s).toMatchObject({ rate: 1, silenceMs: 500, avatar: null });
     expect(loadSettings({ getItem: () => "{not json" }).rate).toBe(1);
+  });
+  it("loads the capture switches, and only booleans", () => {
+    const on = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
+    expect(loadSettings(store(on))).toMatchObject(on);
+    const s = loadSettings(store({ echoCancellation: "yes", noiseSuppression: 1, autoGainControl: null }));
+    expect(s).toMatchObject({
+      echoCancellation: DEFAULTS.echoCancellation,
+      noiseSuppression: DEFAULTS.noiseSuppression,
+      autoGainControl: DEFAULTS.autoGainControl,
+    });
   });
 });
 

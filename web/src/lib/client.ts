@@ -4,7 +4,7 @@
 
 import { t } from "../i18n";
 import { AvatarPlayer } from "./player";
-import { openMic, MicDeniedError, type MicHandle } from "./mic";
+import { CAPTURE_DEFAULTS, openMic, MicDeniedError, type CaptureOptions, type MicHandle } from "./mic";
 import {
   describeError,
   micFrame,
@@ -76,6 +76,8 @@ export interface ClientOptions {
   location: { protocol: string; host: string };
   avatar: () => string | null;
   desired: () => Desired;
+  /** The browser's capture processing, read each time the mic opens. */
+  capture?: () => CaptureOptions;
   /** The avatar asked for no longer exists on the server. */
   avatarGone?: (name: string) => void;
   WebSocketImpl?: typeof WebSocket;
@@ -292,10 +294,16 @@ export class ChatClient {
     if (this.ui.server && name !== this.ui.avatar) this.send({ type: "session.update", avatar: name });
   }
 
+  /** What the browser applied to the open mic's track (for tests and benchmarks). */
+  get micSettings(): MediaTrackSettings | null {
+    return this.mic?.track?.getSettings() ?? null;
+  }
+
   async startMic(): Promise<void> {
     if (this.mic) return;
     try {
-      this.mic = await openMic((pcm, level) => this.onMicFrame(pcm, level));
+      const capture = this.opts.capture?.() ?? CAPTURE_DEFAULTS;
+      this.mic = await openMic((pcm, level) => this.onMicFrame(pcm, level), capture);
     } catch (err) {
       const message = err instanceof MicDeniedError ? err.message : `The microphone could not start: ${(err as Error).message}`;
       this.ui.error = describeError("mic_denied", message);

@@ -26,6 +26,11 @@ export const useChat = defineStore("chat", () => {
     location: window.location,
     avatar: () => settings.s.avatar,
     desired: () => desiredFrom(settings.s),
+    capture: () => ({
+      echoCancellation: settings.s.echoCancellation,
+      noiseSuppression: settings.s.noiseSuppression,
+      autoGainControl: settings.s.autoGainControl,
+    }),
     avatarGone: () => {
       settings.s.avatar = null;
     },
@@ -59,6 +64,9 @@ export const useChat = defineStore("chat", () => {
     },
     get micOn() {
       return ui.micOn;
+    },
+    get micSettings() {
+      return client.micSettings;
     },
     get avatar() {
       return ui.avatar;

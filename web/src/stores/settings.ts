@@ -1,6 +1,7 @@
 // Settings the person picks; persisted in localStorage and applied to the session with `session.update`.
 import { defineStore } from "pinia";
 import { reactive, watch } from "vue";
+import { CAPTURE_DEFAULTS } from "../lib/mic";
 
 export const STORAGE_KEY = "avatarchat.settings.v1";
 
@@ -12,6 +13,10 @@ export interface Settings {
   avatar: string | null;
   language: string;
   silenceMs: number;
+  // Chromium's capture processing (getUserMedia constraints); applied the next time the mic opens.
+  echoCancellation: boolean;
+  noiseSuppression: boolean;
+  autoGainControl: boolean;
 }
 
 export const DEFAULTS: Settings = {
@@ -22,6 +27,7 @@ export const DEFAULTS: Settings = {
   avatar: null,
   language: "",
   silenceMs: 500,
+  ...CAPTURE_DEFAULTS,
 };
 
 /** Read saved settings; anything malformed falls back to its default. */
@@ -38,6 +44,7 @@ export function loadSettings(storage: Pick<Storage, "getItem"> = localStorage): 
     const v = saved[k];
     return typeof v === "number" && v >= lo && v <= hi ? v : (DEFAULTS[k] as number);
   };
+  const bool = (k: keyof Settings): boolean => (typeof saved[k] === "boolean" ? (saved[k] as boolean) : (DEFAULTS[k] as boolean));
   return {
     llmProvider: str("llmProvider"),
     llmModel: str("llmModel"),
@@ -46,6 +53,9 @@ export function loadSettings(storage: Pick<Storage, "getItem"> = localStorage): 
     avatar: typeof saved.avatar === "string" && saved.avatar ? saved.avatar : null,
     language: str("language"),
     silenceMs: Math.round(num("silenceMs", 200, 3000)),
+    echoCancellation: bool("echoCancellation"),
+    noiseSuppression: bool("noiseSuppression"),
+    autoGainControl: bool("autoGainControl"),
   };
 }
 
