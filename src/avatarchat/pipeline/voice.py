@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _MIC_KEEP = 2 * 16000  # the echo check's window (1.8 s) and a little more
 _RECHECK = 1024  # a held utterance is checked again every 64 ms of audio
+_SURE = 0.85  # this much unexplained is the person at once
 
 
 @dataclass
@@ -58,6 +59,7 @@ class VoiceInput:
         self._held: int | None = None  # an utterance that may be the avatar's own voice: not the person's yet
         self._checked_at = 0
         self._echo_at: int | None = None  # when the held utterance was last found to be an echo
+        self._over = 0  # checks in a row over the threshold
 
     @property
     def last_asr_ms(self) -> int:
@@ -86,6 +88,7 @@ class VoiceInput:
             elif self._held is not None:
                 if isinstance(event, EndOfTurn):
                     self._held = None
+                    self._over = 0
                     metrics.ECHOES.inc()
             elif isinstance(event, Partial):
                 if self._partial is None or self._partial.done():
@@ -116,6 +119,7 @@ class VoiceInput:
 
     async def _speech_started(self, voiced_ms: int, speaking: bool) -> None:
         self._echo_at = None
+        self._over = 0
         await self._session.send.event("speech_start", voiced_ms=voiced_ms)
         if speaking and self._voice.barge_in:
             metrics.BARGE_INS.inc()
@@ -131,15 +135,19 @@ class VoiceInput:
             return True
         ref, positions = source
         left = self._echo.unexplained(bands[: len(positions)], ref, positions)
-        log.debug("echo check", extra={"session": self._session.id, "position_ms": round(float(positions[-1])) if len(positions) else None,
-                                       "unexplained": None if left is None else round(left, 3),
+        log.debug("echo check", extra={"session": self._session.id, "unexplained": None if left is None else round(left, 3),
+                                       "position_ms": round(float(positions[-1])) if len(positions) else None,
                                        "lag_ms": self._echo.last_lag_ms})
         if left is None:
             return False  # too early in the reply to tell: wait for more of it
         if left < self._voice.echo_threshold:
             self._echo_at = self._mic_samples
+            self._over = 0
             return False
-        return True
+        # Sure at once, or over the threshold twice running: an echo's misfit is a lone spike (seen at the end
+        # of replies under load), a person keeps talking.
+        self._over += 1
+        return left >= _SURE or self._over >= 2
 
     async def _timed_asr(self, audio: np.ndarray) -> str:
         start = time.perf_counter()

@@ -340,7 +340,8 @@ async function startMic() {
   let stream;
   try {
     stream = await navigator.mediaDevices.getUserMedia({
-      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+      // As the web app's defaults (web/src/lib/mic.ts): noise suppression cost words, bench/bench_voice_page.py.
+      audio: { echoCancellation: true, noiseSuppression: false, autoGainControl: true, channelCount: 1 },
     });
   } catch (err) {
     bubble("note", `Microphone unavailable: ${err.message}. Allow it in the browser and press Talk again.`);
