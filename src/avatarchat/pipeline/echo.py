@@ -171,8 +171,8 @@ class EchoCheck:
             if not held_out:
                 left[~y_test.any((1, 2))] = np.inf  # nothing of the reply in the newest part: no evidence
             k = int(np.argmin(left))
-            self.last_lag_ms = float(lags[k] * HOP_MS)
             if best is None or left[k] < best[0]:
+                self.last_lag_ms = float(lags[k] * HOP_MS)
                 best = (float(left[k]), int(lags[k]), a, np.broadcast_to(np.maximum(gain[k], 0), (m.shape[1],)).copy())
         assert best is not None
         if not np.isfinite(best[0]):
