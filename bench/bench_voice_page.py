@@ -24,7 +24,6 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -36,11 +35,11 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import dump, machine, server, stats  # noqa: E402
+from tests.support.chromium import launch  # noqa: E402
 from tests.support.speech import (  # noqa: E402
     RATE, espeak_16k, feed_realtime, piper_16k, silence, word_errors, write_wav,
 )
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 STORAGE_KEY = "avatarchat.settings.v1"  # web/src/stores/settings.ts
 FLAGS = ("echoCancellation", "noiseSuppression", "autoGainControl")
 COMBOS = [dict(zip(FLAGS, c)) for c in itertools.product((False, True), repeat=3)]
@@ -124,12 +123,7 @@ def page(base: str, wav: Path, seconds: float, flags: dict[str, bool]) -> dict[s
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        b = pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", "--mute-audio", "--disable-gpu",
-                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                  f"--use-file-for-fake-audio-capture={wav}%noloop"],
-        )
+        b = launch(pw, wav)
         ctx = b.new_context(locale="en-US")
         ctx.add_init_script(f"localStorage.setItem({json.dumps(STORAGE_KEY)}, {json.dumps(json.dumps(flags))})")
         p = ctx.new_page()

