@@ -315,6 +315,10 @@ class VoiceConfig(BaseModel):
         0.7, gt=0, lt=1, description="Echo check: the share of the newest 0.3 s of sound the avatar's audio must "
         "leave unexplained for it to be the person."
     )
+    echo_words_check: bool = Field(
+        True, description="Echo check: before a barge-in that the band fit is not sure of (under 0.85 unexplained), "
+        "a transcript of the sound is compared with what the avatar said: its own words are an echo."
+    )
     max_audio_frame_bytes: int = Field(32768, ge=512, description="Largest binary audio frame accepted.")
 
 

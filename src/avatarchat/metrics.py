@@ -33,6 +33,12 @@ ECHOES = Counter(
     "avatarchat_echoes_ignored_total", "Sounds while the avatar spoke that were its own voice, not a barge-in.",
     registry=REGISTRY,
 )
+ECHO_WORD_CHECKS = Counter(
+    "avatarchat_echo_word_checks_total",
+    "Barge-ins the band fit was unsure of, by their transcript: the avatar's own words (echo) or not (person).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 SPECULATIONS = Counter(
     "avatarchat_speculative_replies_total",
     "Replies started during the end-of-turn silence, by whether they were used or discarded.",

@@ -50,8 +50,9 @@ class VoiceClient:
                     self._start_player(e["turn_id"])
                 if e["type"] == "interrupt" and self._player is not None:
                     self._player.cancel()
-                if e["type"] == "interrupt" and self.speaker is not None:
-                    self.speaker.stop(e["turn_id"])
+                stopped = e["type"] == "interrupt" or (e["type"] == "turn_done" and e["reason"] != "complete")
+                if stopped and self.speaker is not None:
+                    self.speaker.stop(e["turn_id"])  # the page flushes its player
             self._new.set()
 
     def _start_player(self, turn_id: int) -> None:

@@ -13,8 +13,10 @@ speaking differently each time, and costs about a millisecond per check.
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
 import numpy as np
 from scipy.signal import lfilter, resample_poly
@@ -187,3 +189,26 @@ class EchoCheck:
 def _smooth(bands: np.ndarray, a: float) -> np.ndarray:
     """Reverb as an exponential decay of energy, ``a`` per hop."""
     return lfilter([1 - a], [1, -a], bands, axis=0) if a else bands
+
+
+# Words too common to tell the avatar's sentences from the person's: they do not count either way.
+_COMMON = frozenset("""a an and are as at be but by can do for from has have he her his i if in is it its me my no
+not of on or our she so that the their them then there they this to us was we were what when where which who will
+with would you your oh um uh""".split())  # not "no", "yes": a barge-in can be just that
+_TOKEN = re.compile(r"[a-z0-9']{2,}|[\u3400-\u9fff]")
+_ALIKE = 0.7  # Whisper hears an echo's words a little wrong: knight→night, sea→seat, castle→castled
+
+
+def own_words_share(transcript: str, said: str) -> float | None:
+    """The share of a transcript's telling words (Chinese: characters) that the avatar said, or nearly: near 1
+    when the microphone heard the avatar's own voice, low when the person says something of their own. None: no
+    telling words (silence, a hum, only common words)."""
+    heard = [w for w in _TOKEN.findall(transcript.lower()) if w not in _COMMON]
+    if not heard:
+        return None
+    own = set(_TOKEN.findall(said.lower()))
+
+    def owned(w: str) -> bool:
+        return w in own or (len(w) >= 4 and any(SequenceMatcher(None, w, v).ratio() >= _ALIKE for v in own))
+
+    return sum(map(owned, heard)) / len(heard)

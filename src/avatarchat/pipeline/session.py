@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ECHO_TAIL_MS = 1000
+_ECHO_GONE_S = 0.7  # after a known end: the echo check's longest delay (0.4 s) and its newest 0.3 s
+_END_SLACK_MS = 200  # a player's last position can fall short of the media's length (its last frames)
 
 
 class SessionLimitError(Exception):
@@ -85,6 +87,7 @@ class Playback:
     playing: bool
     at: float  # perf_counter() of the report
     mic_samples: int | None = None  # microphone samples the client had sent when it read the position
+    still_since: float = 0.0  # perf_counter() of the first report of a player standing still where it is now
 
 
 class Session:
@@ -127,7 +130,14 @@ class Session:
             return False
         if self.busy:
             return turn.first_media_at is not None
+        if turn.stopped_at is not None or self._ended(turn):
+            return False
         return self.played_ms(turn) < turn.media_ms
+
+    def _ended(self, turn: Turn) -> bool:
+        """Did the client's player report the end of ``turn``'s media (stopped at its end, not stalled before it)?"""
+        pb = self._playback
+        return pb is not None and pb.turn_id == turn.turn_id and not pb.playing and pb.position_ms >= turn.media_ms - _END_SLACK_MS
 
     def echo_source(self, samples: np.ndarray, now: int) -> tuple[EchoReference, np.ndarray] | None:
         """What the avatar said in the turn the person hears now, and where its playback was (ms) at the
@@ -135,12 +145,18 @@ class Session:
         client's own clock when its reports say which mic sample they were read at; arrival times would shift
         with every burst of the network or of a busy client."""
         turn = self._turn
-        if turn is None or self._gate is not None:
+        if turn is None or self._gate is not None or not self.may_echo:
             return None
+        over = self._silent_since(turn) is not None  # a player that will not move on: no need to wait for it
         if self._clock and self._playback is not None and self._playback.turn_id == turn.turn_id:
-            samples = samples[samples <= self._clock.known_until(now)]
-            return turn.echo, self._clock.positions(samples)
-        return turn.echo, self.played_ms(turn) - (now - samples) / 16
+            if not over:
+                samples = samples[samples <= self._clock.known_until(now)]
+            positions = self._clock.positions(samples)
+        else:
+            positions = self.played_ms(turn) - (now - samples) / 16
+        if turn.stopped_ms is not None:
+            positions = np.minimum(positions, turn.stopped_ms)  # nothing after the stop was played
+        return turn.echo, positions
 
     @property
     def may_echo(self) -> bool:
@@ -149,7 +165,28 @@ class Session:
         turn = self._turn
         if turn is None or self._gate is not None:
             return False
-        return self.speaking or self.played_ms(turn) < turn.media_ms + _ECHO_TAIL_MS
+        if self.speaking:
+            return True
+        silent_since = self._silent_since(turn)
+        if silent_since is not None:
+            return time.perf_counter() - silent_since < _ECHO_GONE_S
+        return self.played_ms(turn) < turn.media_ms + _ECHO_TAIL_MS
+
+    def _silent_since(self, turn: Turn) -> float | None:
+        """When the client's speakers went quiet for good on ``turn``: its stop, or the player's report of its end."""
+        if turn.stopped_at is not None:
+            return turn.stopped_at
+        pb = self._playback
+        return pb.still_since if pb is not None and self._ended(turn) else None
+
+    def avatar_words(self, before_ms: float = 4000, after_ms: float = 500) -> str:
+        """What the avatar said around where the person's playback is now: the pieces the microphone may be hearing."""
+        turn = self._turn
+        if turn is None:
+            return ""
+        at = turn.stopped_ms if turn.stopped_ms is not None else self.played_ms(turn)
+        return " ".join(text for start, duration, text in turn.sentences
+                        if start < at + after_ms and start + duration > at - before_ms)
 
     def played_ms(self, turn: Turn) -> float:
         """How much of ``turn``'s media the person has heard: the client's report, else wall-clock time."""
@@ -238,9 +275,12 @@ class Session:
         self._turn = None
 
     def playback(self, turn_id: int, position_ms: float, playing: bool, mic_samples: int | None = None) -> None:
-        if self._playback is None or self._playback.turn_id != turn_id:
+        prev, now = self._playback, time.perf_counter()
+        if prev is None or prev.turn_id != turn_id:
             self._clock = PlaybackClock()
-        self._playback = Playback(turn_id, position_ms, playing, time.perf_counter(), mic_samples)
+        still = prev is not None and prev.turn_id == turn_id and not prev.playing and prev.position_ms == position_ms
+        self._playback = Playback(turn_id, position_ms, playing, now, mic_samples,
+                                  prev.still_since if still and not playing else now)  # type: ignore[union-attr]
         if mic_samples is not None:
             self._clock.report(mic_samples, position_ms, playing)
 
@@ -287,6 +327,8 @@ class Session:
             if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise  # we are being cancelled ourselves, not just the turn
         self._frame = turn.next_frame
+        turn.stopped_ms = self.played_ms(turn)  # the client flushes its player: the avatar goes silent now
+        turn.stopped_at = time.perf_counter()
         await self._done(turn, turn.result(reason))
         return True
 

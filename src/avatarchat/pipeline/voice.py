@@ -19,7 +19,7 @@ import numpy as np
 from avatarchat import metrics
 from avatarchat.engines.asr.base import ASRError
 from avatarchat.engines.asr.queue import FINAL, PARTIAL
-from avatarchat.pipeline.echo import HOP, EchoCheck, band_energy
+from avatarchat.pipeline.echo import HOP, EchoCheck, band_energy, own_words_share
 from avatarchat.pipeline.turn_taking import EndOfTurn, Partial, Resumed, SpeechStart, Speculate, State, TurnTaker
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 _MIC_KEEP = 2 * 16000  # the echo check's window (1.8 s) and a little more
 _RECHECK = 1024  # a held utterance is checked again every 64 ms of audio
 _SURE = 0.85  # this much unexplained is the person at once
+OWN_WORDS = 0.5  # a transcript with at least this share of the avatar's own words is its echo
 
 
 @dataclass
@@ -60,6 +61,8 @@ class VoiceInput:
         self._checked_at = 0
         self._echo_at: int | None = None  # when the held utterance was last found to be an echo
         self._over = 0  # checks in a row over the threshold
+        self._words: asyncio.Task[None] | None = None  # a transcript of an unsure sound, to compare with the avatar's
+        self._words_say_person = False
 
     @property
     def last_asr_ms(self) -> int:
@@ -81,6 +84,7 @@ class VoiceInput:
         )
         for event in self.taker.push(samples):
             if isinstance(event, SpeechStart):
+                self._words_say_person = False
                 if checking and session.may_echo and not self._person():
                     self._held = event.utterance_id  # the avatar's own voice, or not yet known: wait
                     continue
@@ -103,8 +107,9 @@ class VoiceInput:
             elif isinstance(event, EndOfTurn):
                 self._final = asyncio.create_task(self._finish(event))
         # A held utterance is checked again while it sounds like speech (its trailing silence says nothing).
-        if self._held is not None and self.taker.state is State.SPEAKING and self._mic_samples - self._checked_at >= _RECHECK:
-            if self._person():
+        if self._held is not None and (self._words_say_person or (
+                self.taker.state is State.SPEAKING and self._mic_samples - self._checked_at >= _RECHECK)):
+            if self._words_say_person or self._person():
                 # The person, over the avatar's voice: keep only their part of the utterance.
                 self._held = None
                 if self._echo_at is not None:
@@ -120,6 +125,7 @@ class VoiceInput:
     async def _speech_started(self, voiced_ms: int, speaking: bool) -> None:
         self._echo_at = None
         self._over = 0
+        self._words_say_person = False
         await self._session.send.event("speech_start", voiced_ms=voiced_ms)
         if speaking and self._voice.barge_in:
             metrics.BARGE_INS.inc()
@@ -144,10 +150,38 @@ class VoiceInput:
             self._echo_at = self._mic_samples
             self._over = 0
             return False
-        # Sure at once, or over the threshold twice running: an echo's misfit is a lone spike (seen at the end
-        # of replies under load), a person keeps talking.
+        # Sure at once, or over the threshold twice running: an echo's misfit is mostly a lone spike (seen at the end
+        # of replies under load), a person keeps talking. Yet in a reverberant room an echo can stay near the
+        # threshold for a while, so the words get a veto: a transcript that is the avatar's own sentences is its echo.
         self._over += 1
-        return left >= _SURE or self._over >= 2
+        if left >= _SURE:
+            return True
+        if self._over < 2:
+            return False
+        if not self._voice.echo_words_check:
+            return True
+        if self._words is None or self._words.done():
+            audio = self._mic[-_MIC_KEEP:].copy()
+            said = self._session.avatar_words()
+            self._words = asyncio.ensure_future(self._compare_words(audio, said, self.taker.utterance_id))
+        return False
+
+    async def _compare_words(self, audio: np.ndarray, said: str, utterance_id: int) -> None:
+        try:
+            text = await self._asr.transcribe(audio, PARTIAL)
+        except ASRError:
+            return  # no evidence: the band fit goes on deciding alone
+        share = own_words_share(text, said)
+        if self._held != utterance_id:
+            return  # that sound is over, or was already taken as the person's
+        echo = share is None or share >= OWN_WORDS  # nothing Whisper calls words (a hum, a smeared echo) is no barge-in
+        log.debug("echo words", extra={"session": self._session.id, "heard": text, "said": said, "own_share": share, "echo": echo})
+        metrics.ECHO_WORD_CHECKS.labels("echo" if echo else "person").inc()
+        if echo:
+            self._over = 0
+            self._echo_at = self._mic_samples
+        else:
+            self._words_say_person = True
 
     async def _timed_asr(self, audio: np.ndarray) -> str:
         start = time.perf_counter()
@@ -223,7 +257,7 @@ class VoiceInput:
             await self._session.send.event("transcript", final=False, text=text, utterance_id=utterance_id)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._partial, self._final) if t is not None and not t.done()]
+        tasks = [t for t in (self._partial, self._final, self._words) if t is not None and not t.done()]
         if self._spec is not None:
             tasks.append(self._spec.task)
         for t in tasks:
