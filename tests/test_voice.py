@@ -223,6 +223,25 @@ async def test_a_question_after_the_person_stopped_the_reply_is_heard(live_app: 
     await c.close()
 
 
+async def test_a_question_after_stopping_a_reply_made_in_full_is_heard(live_app: LiveApp) -> None:
+    """Stop pressed while a short reply, already made in full, still plays: the page flushes its player there."""
+    c = await VoiceClient(await connect(live_app.ws, max_size=None)).start()
+    c.speaker = SpeakerMic(c.ws, gain_db=-80).start()
+    await c.send(type="user_text", text="Say hello.")
+    _, start = await c.wait_for("turn_start")
+    _, done = await c.wait_for("turn_done", turn_id=start["turn_id"])
+    assert done["reason"] == "complete"
+    first = c.media_at[start["turn_id"]][0]
+    assert time.perf_counter() - first < done["media_ms"] / 1000, "the reply had already played out"
+    await c.send(type="stop")
+    c.speaker.stop(start["turn_id"])
+    await asyncio.sleep(0.3)
+    start2 = await _ask_after(c, "What is the capital of France?")
+    assert start2["turn_id"] == start["turn_id"] + 1
+    await c.speaker.close()
+    await c.close()
+
+
 async def test_an_unsure_echo_check_is_settled_by_the_avatars_words(live_app: LiveApp) -> None:
     """With a strict band fit (echo_threshold 0.3) the echo of a reverberant room often looks like a barge-in;
     its transcript, the avatar's own sentences, vetoes it. (How often Whisper garbles an echo into other words is

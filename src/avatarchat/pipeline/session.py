@@ -319,6 +319,8 @@ class Session:
         """Cancel the running turn and tell the client. Returns whether there was one."""
         task, turn = self._task, self._turn
         if task is None or turn is None or task.done():
+            if turn is not None and turn.stopped_at is None and self.speaking:
+                self._mark_stopped(turn)  # a reply made in full, still playing: the client flushes its player too
             return False
         task.cancel()
         try:
@@ -327,10 +329,14 @@ class Session:
             if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise  # we are being cancelled ourselves, not just the turn
         self._frame = turn.next_frame
-        turn.stopped_ms = self.played_ms(turn)  # the client flushes its player: the avatar goes silent now
-        turn.stopped_at = time.perf_counter()
+        self._mark_stopped(turn)
         await self._done(turn, turn.result(reason))
         return True
+
+    def _mark_stopped(self, turn: Turn) -> None:
+        """The client flushes its player when a turn is stopped: the avatar goes silent now, where it was."""
+        turn.stopped_ms = min(self.played_ms(turn), float(turn.media_ms))
+        turn.stopped_at = time.perf_counter()
 
     async def _done(self, turn: Turn, result: TurnResult) -> None:
         metrics.TURNS.labels(result.reason).inc()
