@@ -1,7 +1,7 @@
 // Browser side of bench/bench_web.py: in Debian's Chromium, the time from send (text) or from the end of the
 // fake-mic speech (voice) to the first avatar video frame painted (requestVideoFrameCallback), per turn,
 // next to the server's own figure for the same turn. Prints one JSON line per turn.
-// Env: AVATARCHAT_URL, MODE (text|voice), TURNS, WARMUP, BENCH_WAV (voice).
+// Env: AVATARCHAT_URL, MODE (text|voice|barge), TURNS, WARMUP, BENCH_WAV (voice, barge).
 import { launch, openApp } from "../web/e2e/browser.mjs";
 
 const BASE = process.env.AVATARCHAT_URL;
@@ -19,7 +19,7 @@ const PROMPTS = [
   "What is a good name for a dog?",
 ];
 
-const browser = await launch({ wav: MODE === "voice" ? process.env.BENCH_WAV : undefined });
+const browser = await launch({ wav: MODE === "text" ? undefined : process.env.BENCH_WAV });
 const { page } = await openApp(browser, BASE);
 
 async function finish(turnId) {
@@ -58,6 +58,17 @@ if (MODE === "text") {
     const id = await page.evaluate(() => window.avatarChat.lastTurn.turnId);
     emit(i, await finish(id));
   }
+} else if (MODE === "barge") {
+  // The fake mic asks for a long answer, then talks over it: each interrupt, from the onset of the speech that
+  // cut the reply (the page's mic level) to the video stopping (the interrupt event). Every barge-in counts.
+  await page.evaluate(() => window.avatarChat.startMic());
+  const want = TURNS + WARMUP;
+  await page.waitForFunction((k) => window.avatarChat.turns.filter((t) => t.interruptedAt).length >= k, want, { timeout: want * 60_000 });
+  const cut = await page.evaluate(() => JSON.parse(JSON.stringify(window.avatarChat.turns.filter((t) => t.interruptedAt))));
+  cut.slice(0, want).forEach((t, i) => console.log(JSON.stringify({
+    i, warmup: i < WARMUP, mode: MODE, barge_stop_ms: t.bargeSpeechAt === null ? null : t.interruptedAt - t.bargeSpeechAt,
+    played_ms: t.playedTo * 1000, heard: t.heard, text: t.userText,
+  })));
 } else {
   await page.evaluate(() => window.avatarChat.startMic());
   for (let i = 0; i < TURNS + WARMUP; i++) {

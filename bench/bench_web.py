@@ -2,11 +2,13 @@
 
 In Debian's Chromium (headless, via web/ and Node playwright-core), for text turns the time from pressing send to
 the first frame painted (requestVideoFrameCallback), and for voice turns (a Piper voice on the fake microphone)
-from the end of the speech (the last mic frame above the voice level, in the browser) to the first frame. The
+from the end of the speech (the last mic frame above the voice level, in the browser) to the first frame; and
+barge-ins (a question over a long answer) from the onset of the speech, as the page's mic hears it, to the video
+stopping (the page's interrupt handler), with no echo (Chromium's fake mic does not hear the page). The
 baseline is the server's `first_video` timing of the same turns (user message received → first fMP4 fragment
 sent); the target is browser p50 ≤ server p50 + 100 ms for text turns.
 
-    .venv/bin/python bench/bench_web.py     # TURNS=12 text turns, VOICE_TURNS=10 (VOICE=0 skips them); needs `make setup`
+    .venv/bin/python bench/bench_web.py     # TURNS=12 text turns, VOICE_TURNS=10, BARGE_TURNS=10 (VOICE=0, BARGE=0 skip)
 """
 
 from __future__ import annotations
@@ -40,7 +42,25 @@ def voice_wav(path: Path, n: int) -> None:
     parts = [silence(1.0)]
     for i in range(n):
         parts += [piper_16k(QUESTIONS[i % len(QUESTIONS)]), silence(11.0)]
-    audio = np.concatenate(parts)
+    _write(path, np.concatenate(parts))
+
+
+LONG = ["Tell me a long story about a dragon and a knight.", "Describe a long walk through a forest in autumn.",
+        "Tell me all about the history of the bicycle."]
+CUTS = ["Wait, what is the capital of France?", "Stop, tell me about the sun instead.", "Sorry, how do I cook rice?"]
+
+
+def barge_wav(path: Path, n: int) -> None:
+    """Each cycle: a question with a long answer, 2.5 s (the answer starts playing), another question over it."""
+    from tests.support.speech import piper_16k, silence
+
+    parts = [silence(1.0)]
+    for i in range(n):
+        parts += [piper_16k(LONG[i % len(LONG)]), silence(2.5), piper_16k(CUTS[i % len(CUTS)]), silence(12.0)]
+    _write(path, np.concatenate(parts))
+
+
+def _write(path: Path, audio: np.ndarray) -> None:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -88,6 +108,15 @@ def main() -> int:
             n = int(os.environ.get("VOICE_TURNS", "10")) + 2
             voice_wav(wav, n)
             results["voice"] = report("voice", run(base, "voice", n - 2, wav))
+        if os.environ.get("BARGE", "1") != "0":
+            wav = Path(tmp) / "barge.wav"
+            n = int(os.environ.get("BARGE_TURNS", "10"))
+            barge_wav(wav, n + 2)
+            rows = run(base, "barge", n, wav)
+            stops = [r["barge_stop_ms"] for r in rows if r["barge_stop_ms"] is not None]
+            print(f"\nbarge-in ({len(rows)} interrupts, after 2 warm-up ones)")
+            print(f"  browser: speech onset → video stopped {summary(stops)}")
+            results["barge"] = {"stop_ms": stats(stops), "rows": rows}
     print(f"load average after: {os.getloadavg()}")
     dump("web", results)
     return 0

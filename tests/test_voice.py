@@ -199,6 +199,10 @@ async def test_a_question_after_the_reply_has_played_is_heard(live_app: LiveApp)
     await c.send(type="user_text", text="Say hello.")
     _, start = await c.wait_for("turn_start")
     await _played_out(c, start["turn_id"])
+    # As the page's video element does once reset after its end: one more report, at 0 (seen in Chromium).
+    assert c._player is not None
+    c._player.cancel()
+    await c.send(type="playback", turn_id=start["turn_id"], position_ms=0, playing=False, mic_samples=c.speaker.samples)
     await asyncio.sleep(1.5)  # past the room's tail
     start2 = await _ask_after(c, "What is the capital of France?")
     assert start2["turn_id"] == start["turn_id"] + 1

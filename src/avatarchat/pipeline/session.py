@@ -136,6 +136,8 @@ class Session:
 
     def _ended(self, turn: Turn) -> bool:
         """Did the client's player report the end of ``turn``'s media (stopped at its end, not stalled before it)?"""
+        if turn.played_out_at is not None:
+            return True
         pb = self._playback
         return pb is not None and pb.turn_id == turn.turn_id and not pb.playing and pb.position_ms >= turn.media_ms - _END_SLACK_MS
 
@@ -176,6 +178,8 @@ class Session:
         """When the client's speakers went quiet for good on ``turn``: its stop, or the player's report of its end."""
         if turn.stopped_at is not None:
             return turn.stopped_at
+        if turn.played_out_at is not None:
+            return turn.played_out_at
         pb = self._playback
         return pb.still_since if pb is not None and self._ended(turn) else None
 
@@ -283,6 +287,9 @@ class Session:
                                   prev.still_since if still and not playing else now)  # type: ignore[union-attr]
         if mic_samples is not None:
             self._clock.report(mic_samples, position_ms, playing)
+        turn = self._turn
+        if turn is not None and turn.turn_id == turn_id and turn.played_out_at is None and not self.busy and self._ended(turn):
+            turn.played_out_at = self._playback.still_since  # later reports (a player reset to 0) do not undo it
 
     async def _run(self, turn: Turn) -> None:
         conversation.set(self.id)  # this task's context: the local LLM keeps this session's KV state apart

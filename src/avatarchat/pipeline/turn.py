@@ -105,6 +105,7 @@ class Turn:
         self.discarded = False  # a speculative turn that was dropped: it leaves no trace in the history
         self.stopped_at: float | None = None  # perf_counter() when it was stopped: the client flushed its player
         self.stopped_ms: float | None = None  # where its playback was then
+        self.played_out_at: float | None = None  # perf_counter() when the client's player reported its end
         self._cut_ms = 0.0  # estimated speech of the pieces the LLM's text has been cut into so far
 
     @property

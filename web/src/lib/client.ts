@@ -61,6 +61,9 @@ export interface TurnRecord {
   mediaMs: number | null;
   timings: Timings | null;
   heard: string | null;
+  /** Barge-in: when the video stopped (the interrupt arrived), and when the speech that cut it began (mic level). */
+  interruptedAt: number | null;
+  bargeSpeechAt: number | null;
 }
 
 /** What the settings ask of the session; only what differs from the server's current values is sent. */
@@ -84,6 +87,7 @@ export interface ClientOptions {
 }
 
 const VOICE_LEVEL = 0.02; // peak level above which a mic frame counts as voiced (for the latency figures)
+const ONSET_GAP_MS = 300; // voiced after this long without: the start of an utterance (for the barge-in figure)
 
 export function emptyUi(): ChatUi {
   return {
@@ -116,6 +120,7 @@ export class ChatClient {
   private sentAt: number | null = null;
   private speechEndAt: number | null = null;
   private lastVoiceAt: number | null = null;
+  private voiceStartAt: number | null = null;
   private fromVoice = false;
   private lastUserText: string | null = null;
   private mic: MicHandle | null = null;
@@ -331,7 +336,11 @@ export class ChatClient {
 
   private onMicFrame(pcm: ArrayBuffer, level: number): void {
     this.ui.level = level;
-    if (level > VOICE_LEVEL) this.lastVoiceAt = performance.now();
+    if (level > VOICE_LEVEL) {
+      const now = performance.now();
+      if (this.lastVoiceAt === null || now - this.lastVoiceAt > ONSET_GAP_MS) this.voiceStartAt = now;
+      this.lastVoiceAt = now;
+    }
     if (this.ws && this.ws.readyState === WebSocket.OPEN && this.ui.sessionId) {
       this.ws.send(micFrame(pcm, this.micSeq++));
       this.micSamples += pcm.byteLength / 2;
@@ -387,6 +396,8 @@ export class ChatClient {
         if (this.current && this.current.turnId === e.turn_id) {
           this.current.reason = "interrupted";
           this.current.heard = e.heard;
+          this.current.interruptedAt = performance.now();
+          this.current.bargeSpeechAt = this.voiceStartAt;
           if (this.bubble) this.bubble.stopped = true;
           this.player.endTurn();
           this.ui.turnActive = false;
@@ -413,6 +424,8 @@ export class ChatClient {
           mediaMs: null,
           timings: null,
           heard: null,
+          interruptedAt: null,
+          bargeSpeechAt: null,
         };
         this.current = record;
         this.bubble = null;
