@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +36,12 @@ QUESTIONS = [
 
 
 def voice_wav(path: Path, n: int) -> None:
-    from tests.support.speech import piper_16k, silence
+    from tests.support.speech import piper_16k, silence, write_wav
 
     parts = [silence(1.0)]
     for i in range(n):
         parts += [piper_16k(QUESTIONS[i % len(QUESTIONS)]), silence(11.0)]
-    _write(path, np.concatenate(parts))
+    write_wav(path, np.concatenate(parts))
 
 
 LONG = ["Tell me a long story about a dragon and a knight.", "Describe a long walk through a forest in autumn.",
@@ -52,20 +51,12 @@ CUTS = ["Wait, what is the capital of France?", "Stop, tell me about the sun ins
 
 def barge_wav(path: Path, n: int) -> None:
     """Each cycle: a question with a long answer, 2.5 s (the answer starts playing), another question over it."""
-    from tests.support.speech import piper_16k, silence
+    from tests.support.speech import piper_16k, silence, write_wav
 
     parts = [silence(1.0)]
     for i in range(n):
         parts += [piper_16k(LONG[i % len(LONG)]), silence(2.5), piper_16k(CUTS[i % len(CUTS)]), silence(12.0)]
-    _write(path, np.concatenate(parts))
-
-
-def _write(path: Path, audio: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    write_wav(path, np.concatenate(parts))
 
 
 def run(base: str, mode: str, turns: int, wav: Path | None = None) -> list[dict[str, float]]:

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 from websockets.asyncio.client import connect
 
 from avatarchat import metrics
@@ -210,35 +211,30 @@ async def test_a_question_after_the_reply_has_played_is_heard(live_app: LiveApp)
     await c.close()
 
 
-async def test_a_question_after_the_person_stopped_the_reply_is_heard(live_app: LiveApp) -> None:
+@pytest.mark.parametrize("prompt, made_in_full", [
+    ("Tell me a long story about a brave knight and his horse.", False),  # stopped while the reply is made
+    ("Say hello.", True),  # a short reply made in full, still playing: the turn's task is already done
+])
+async def test_a_question_after_the_person_stopped_the_reply_is_heard(live_app: LiveApp, prompt: str,
+                                                                     made_in_full: bool) -> None:
+    """Stop pressed while the avatar speaks: the page flushes its player there, and the next question counts."""
     c = await VoiceClient(await connect(live_app.ws, max_size=None)).start()
     c.speaker = SpeakerMic(c.ws, gain_db=-80).start()
-    await c.send(type="user_text", text="Tell me a long story about a brave knight and his horse.")
+    await c.send(type="user_text", text=prompt)
     _, start = await c.wait_for("turn_start")
-    await c.wait_for("media_start", turn_id=start["turn_id"])
-    await asyncio.sleep(1.0)
-    await c.send(type="stop")
-    _, done = await c.wait_for("turn_done", turn_id=start["turn_id"])
-    assert done["reason"] == "stopped"
-    await asyncio.sleep(0.3)
-    start2 = await _ask_after(c, "What is the capital of France?")
-    assert start2["turn_id"] == start["turn_id"] + 1
-    await c.speaker.close()
-    await c.close()
-
-
-async def test_a_question_after_stopping_a_reply_made_in_full_is_heard(live_app: LiveApp) -> None:
-    """Stop pressed while a short reply, already made in full, still plays: the page flushes its player there."""
-    c = await VoiceClient(await connect(live_app.ws, max_size=None)).start()
-    c.speaker = SpeakerMic(c.ws, gain_db=-80).start()
-    await c.send(type="user_text", text="Say hello.")
-    _, start = await c.wait_for("turn_start")
-    _, done = await c.wait_for("turn_done", turn_id=start["turn_id"])
-    assert done["reason"] == "complete"
-    first = c.media_at[start["turn_id"]][0]
-    assert time.perf_counter() - first < done["media_ms"] / 1000, "the reply had already played out"
-    await c.send(type="stop")
-    c.speaker.stop(start["turn_id"])
+    if made_in_full:
+        _, done = await c.wait_for("turn_done", turn_id=start["turn_id"])
+        assert done["reason"] == "complete"
+        first = c.media_at[start["turn_id"]][0]
+        assert time.perf_counter() - first < done["media_ms"] / 1000, "the reply had already played out"
+        await c.send(type="stop")
+        c.speaker.stop(start["turn_id"])
+    else:
+        await c.wait_for("media_start", turn_id=start["turn_id"])
+        await asyncio.sleep(1.0)
+        await c.send(type="stop")
+        _, done = await c.wait_for("turn_done", turn_id=start["turn_id"])
+        assert done["reason"] == "stopped"
     await asyncio.sleep(0.3)
     start2 = await _ask_after(c, "What is the capital of France?")
     assert start2["turn_id"] == start["turn_id"] + 1

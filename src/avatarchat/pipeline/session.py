@@ -87,7 +87,6 @@ class Playback:
     playing: bool
     at: float  # perf_counter() of the report
     mic_samples: int | None = None  # microphone samples the client had sent when it read the position
-    still_since: float = 0.0  # perf_counter() of the first report of a player standing still where it is now
 
 
 class Session:
@@ -130,16 +129,9 @@ class Session:
             return False
         if self.busy:
             return turn.first_media_at is not None
-        if turn.stopped_at is not None or self._ended(turn):
+        if turn.silent_at is not None:
             return False
         return self.played_ms(turn) < turn.media_ms
-
-    def _ended(self, turn: Turn) -> bool:
-        """Did the client's player report the end of ``turn``'s media (stopped at its end, not stalled before it)?"""
-        if turn.played_out_at is not None:
-            return True
-        pb = self._playback
-        return pb is not None and pb.turn_id == turn.turn_id and not pb.playing and pb.position_ms >= turn.media_ms - _END_SLACK_MS
 
     def echo_source(self, samples: np.ndarray, now: int) -> tuple[EchoReference, np.ndarray] | None:
         """What the avatar said in the turn the person hears now, and where its playback was (ms) at the
@@ -149,9 +141,8 @@ class Session:
         turn = self._turn
         if turn is None or self._gate is not None or not self.may_echo:
             return None
-        over = self._silent_since(turn) is not None  # a player that will not move on: no need to wait for it
         if self._clock and self._playback is not None and self._playback.turn_id == turn.turn_id:
-            if not over:
+            if turn.silent_at is None:  # a player that will not move on: no report to wait for
                 samples = samples[samples <= self._clock.known_until(now)]
             positions = self._clock.positions(samples)
         else:
@@ -169,19 +160,9 @@ class Session:
             return False
         if self.speaking:
             return True
-        silent_since = self._silent_since(turn)
-        if silent_since is not None:
-            return time.perf_counter() - silent_since < _ECHO_GONE_S
+        if turn.silent_at is not None:
+            return time.perf_counter() - turn.silent_at < _ECHO_GONE_S
         return self.played_ms(turn) < turn.media_ms + _ECHO_TAIL_MS
-
-    def _silent_since(self, turn: Turn) -> float | None:
-        """When the client's speakers went quiet for good on ``turn``: its stop, or the player's report of its end."""
-        if turn.stopped_at is not None:
-            return turn.stopped_at
-        if turn.played_out_at is not None:
-            return turn.played_out_at
-        pb = self._playback
-        return pb.still_since if pb is not None and self._ended(turn) else None
 
     def avatar_words(self, before_ms: float = 4000, after_ms: float = 500) -> str:
         """What the avatar said around where the person's playback is now: the pieces the microphone may be hearing."""
@@ -279,17 +260,17 @@ class Session:
         self._turn = None
 
     def playback(self, turn_id: int, position_ms: float, playing: bool, mic_samples: int | None = None) -> None:
-        prev, now = self._playback, time.perf_counter()
-        if prev is None or prev.turn_id != turn_id:
+        if self._playback is None or self._playback.turn_id != turn_id:
             self._clock = PlaybackClock()
-        still = prev is not None and prev.turn_id == turn_id and not prev.playing and prev.position_ms == position_ms
-        self._playback = Playback(turn_id, position_ms, playing, now, mic_samples,
-                                  prev.still_since if still and not playing else now)  # type: ignore[union-attr]
+        self._playback = Playback(turn_id, position_ms, playing, time.perf_counter(), mic_samples)
         if mic_samples is not None:
             self._clock.report(mic_samples, position_ms, playing)
         turn = self._turn
-        if turn is not None and turn.turn_id == turn_id and turn.played_out_at is None and not self.busy and self._ended(turn):
-            turn.played_out_at = self._playback.still_since  # later reports (a player reset to 0) do not undo it
+        # Standing still at the end of a finished turn's media is its end (before it, a stall); kept once seen, so a
+        # later report (a player reset to 0) does not undo it.
+        if (turn is not None and turn.turn_id == turn_id and turn.silent_at is None and not playing and not self.busy
+                and position_ms >= turn.media_ms - _END_SLACK_MS):
+            turn.silent_at = self._playback.at
 
     async def _run(self, turn: Turn) -> None:
         conversation.set(self.id)  # this task's context: the local LLM keeps this session's KV state apart
@@ -326,7 +307,7 @@ class Session:
         """Cancel the running turn and tell the client. Returns whether there was one."""
         task, turn = self._task, self._turn
         if task is None or turn is None or task.done():
-            if turn is not None and turn.stopped_at is None and self.speaking:
+            if turn is not None and turn.silent_at is None and self.speaking:
                 self._mark_stopped(turn)  # a reply made in full, still playing: the client flushes its player too
             return False
         task.cancel()
@@ -343,7 +324,7 @@ class Session:
     def _mark_stopped(self, turn: Turn) -> None:
         """The client flushes its player when a turn is stopped: the avatar goes silent now, where it was."""
         turn.stopped_ms = min(self.played_ms(turn), float(turn.media_ms))
-        turn.stopped_at = time.perf_counter()
+        turn.silent_at = time.perf_counter()
 
     async def _done(self, turn: Turn, result: TurnResult) -> None:
         metrics.TURNS.labels(result.reason).inc()

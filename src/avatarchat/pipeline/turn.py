@@ -103,9 +103,8 @@ class Turn:
         self.sentences: list[tuple[int, int, str]] = []  # (start ms, duration ms, text) of each spoken piece
         self.echo = EchoReference()  # what was said, for telling the avatar's voice from the person's
         self.discarded = False  # a speculative turn that was dropped: it leaves no trace in the history
-        self.stopped_at: float | None = None  # perf_counter() when it was stopped: the client flushed its player
-        self.stopped_ms: float | None = None  # where its playback was then
-        self.played_out_at: float | None = None  # perf_counter() when the client's player reported its end
+        self.silent_at: float | None = None  # perf_counter() when the client's speakers went quiet: its end, a stop
+        self.stopped_ms: float | None = None  # where playback was when it was stopped (the client flushes its player)
         self._cut_ms = 0.0  # estimated speech of the pieces the LLM's text has been cut into so far
 
     @property

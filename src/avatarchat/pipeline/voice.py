@@ -161,9 +161,8 @@ class VoiceInput:
         if not self._voice.echo_words_check:
             return True
         if self._words is None or self._words.done():
-            audio = self._mic[-_MIC_KEEP:].copy()
-            said = self._session.avatar_words()
-            self._words = asyncio.ensure_future(self._compare_words(audio, said, self.taker.utterance_id))
+            said = self._session.avatar_words()  # self._mic is replaced, never changed in place: no copy needed
+            self._words = asyncio.ensure_future(self._compare_words(self._mic, said, self.taker.utterance_id))
         return False
 
     async def _compare_words(self, audio: np.ndarray, said: str, utterance_id: int) -> None:

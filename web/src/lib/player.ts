@@ -11,8 +11,6 @@ export interface TurnMedia {
   done: boolean;
   shown: boolean;
   lastReport: number;
-  /** Played out or flushed: its video element is reset (currentTime 0), which is not a position to report. */
-  over: boolean;
 }
 
 export interface PlayerHooks {
@@ -91,7 +89,7 @@ export class AvatarPlayer {
   /** A new turn: drop whatever the previous one still had queued. */
   startTurn(id: number): void {
     this.endTurn();
-    this.turn = { id, ms: null, sb: null, url: null, queue: [], done: false, shown: false, lastReport: 0, over: false };
+    this.turn = { id, ms: null, sb: null, url: null, queue: [], done: false, shown: false, lastReport: 0 };
   }
 
   openMedia(id: number, mime: string): void {
@@ -155,7 +153,6 @@ export class AvatarPlayer {
     }
     this.idle?.classList.remove("hidden");
     if (t) {
-      t.over = true;
       if (t.url) URL.revokeObjectURL(t.url);
       t.url = null;
       t.queue = [];
@@ -216,7 +213,7 @@ export class AvatarPlayer {
   }
 
   private report(t: TurnMedia, playing: boolean): void {
-    if (t.over) return;
+    if (!t.ms) return; // not open yet, or played out / flushed: the element is reset (currentTime 0), no position
     const now = performance.now();
     if (playing && now - t.lastReport < 200) return;
     t.lastReport = now;
