@@ -127,6 +127,8 @@ def test_own_words_share_counts_the_telling_words() -> None:
     assert own_words_share("Stop, tell me about the sun instead.", said) == 0.0
     assert own_words_share("Tell me more about the knight.", said) < OWN_WORDS  # words of its own: the person's
     assert own_words_share("Why is the sea salty?", said) < OWN_WORDS
+    # A mishearing of the person ("France" as "brand") is not the avatar's "and".
+    assert own_words_share("What is the capital of your brand?", said + " He rode along the beach and") == 0.0
     assert own_words_share("", said) is None and own_words_share("Oh, the...", said) is None  # no evidence
     assert own_words_share("从前有一个勇敢的骑士", "从前有一个勇敢的骑士住在海边的城堡里。") == 1.0
     assert own_words_share("今天天气怎么样", "从前有一个勇敢的骑士住在海边的城堡里。") < 0.3

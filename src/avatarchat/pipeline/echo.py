@@ -207,8 +207,9 @@ def own_words_share(transcript: str, said: str) -> float | None:
     if not heard:
         return None
     own = set(_TOKEN.findall(said.lower()))
+    telling = own - _COMMON  # "brand" holds "and", but is no echo of it
 
     def owned(w: str) -> bool:
-        return w in own or (len(w) >= 4 and any(SequenceMatcher(None, w, v).ratio() >= _ALIKE for v in own))
+        return w in own or (len(w) >= 4 and any(SequenceMatcher(None, w, v).ratio() >= _ALIKE for v in telling))
 
     return sum(map(owned, heard)) / len(heard)
