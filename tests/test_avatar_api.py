@@ -96,7 +96,7 @@ def test_hostile_uploads_are_refused_with_clear_errors(live_app: LiveApp, astron
     cases = [
         ("bad/name", astronaut_png, 400, "avatar names"),
         ("..", astronaut_png, 400, "avatar names"),
-        ("text", b"this is not an image at all" * 10, 400, "not a readable image"),
+        ("text", b"this is not an image at all" * 10, 415, "not an image or a video"),
         ("truncated", astronaut_png[: len(astronaut_png) // 2], 400, "not a readable image"),
         ("bomb", png_header_only(100_000, 100_000), 413, "too large"),
         ("noface", png(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)), 422, "no face"),
@@ -178,7 +178,7 @@ def _post_raw(port: int, head: str, body_chunks: Iterator[bytes]) -> tuple[bytes
 
 def test_uploads_over_the_limit_are_refused_before_they_are_read(live_app: LiveApp) -> None:
     """By Content-Length at once, and a chunked body is cut off at the limit: the server never takes 300 MB."""
-    limit = live_app.settings.avatar.max_upload_bytes
+    limit = live_app.settings.avatar.largest_upload  # a portrait or a video clip
     mb = b"\x00" * (1 << 20)
     head = (f"POST /api/avatar/add HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             f"Content-Length: {300 << 20}\r\n\r\n")

@@ -340,6 +340,16 @@ class Wav2LipConfig(BaseModel):
     )
 
 
+class ClipConfig(BaseModel):
+    enabled: bool = Field(True, description="Accept short video clips as avatars (engines/avatar/clip.py).")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest video clip upload.")
+    min_s: float = Field(10.0, gt=0, description="Shortest clip, in seconds.")
+    max_s: float = Field(60.0, gt=0, description="Longest clip, in seconds.")
+    max_frame_pixels: int = Field(3840 * 2160, ge=4096, description="Largest clip frame, in pixels.")
+    loop_s: float = Field(8.0, gt=0, description="The idle loop: the clip's quietest stretch this long, played forward "
+                          "and back.")
+
+
 class AvatarConfig(BaseModel):
     engine: Literal["warp", "wav2lip"] = Field(
         "warp", description="warp (moves the portrait's own lips along face-mesh landmarks) or wav2lip (Wav2Lip on "
@@ -351,10 +361,16 @@ class AvatarConfig(BaseModel):
         "data/avatars", description="Uploaded avatars (files + avatars.sqlite); the shipped default is always there."
     )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest portrait upload.")
+    clip: ClipConfig = Field(default_factory=ClipConfig, description="Video avatars: a 10–60 s clip of a person.")
     max_upload_pixels: int = Field(40_000_000, ge=4096, description="Largest portrait, in pixels (decompression-bomb guard).")
     fps: int = Field(25, ge=10, le=60, description="Video frame rate.")
     max_avatars: int = Field(200, ge=1, description="Most uploaded avatars stored (the built-in one aside); "
                              "an upload beyond it is refused (409).")
+    @property
+    def largest_upload(self) -> int:
+        """The largest avatar upload of either kind (portrait or video clip)."""
+        return max(self.max_upload_bytes, self.clip.max_bytes if self.clip.enabled else 0)
+
     max_cached_renderers: int = Field(
         8, ge=1, description="Avatar renderers kept in memory (~7 MB each), the least recently used dropped first; "
         "the default avatar's and those in use (sessions, render streams) are always kept.",

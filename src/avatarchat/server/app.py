@@ -37,7 +37,7 @@ from avatarchat.server.service_auth import ServiceTokenMiddleware
 from avatarchat.server.validation import validation_error
 from avatarchat.server.ws import router as ws_router
 from avatarchat.services.avatar_client import AvatarService, AvatarServiceError, HttpAvatarService, LocalAvatarService
-from avatarchat.services.avatar_store import AvatarStore
+from avatarchat.services.avatar_store import AvatarStore, clip_limits
 from avatarchat.services.llm_exec import LLMExecutor
 from avatarchat.services.render_client import RemoteAvatarMedia
 from avatarchat.services.render_streams import RenderStreams
@@ -75,6 +75,9 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
                 max_upload_bytes=settings.avatar.max_upload_bytes,
                 max_pixels=settings.avatar.max_upload_pixels,
                 max_avatars=settings.avatar.max_avatars,
+                clip=clip_limits(settings.avatar.clip),
+                max_clip_bytes=settings.avatar.clip.max_bytes,
+                fps=settings.avatar.fps,
             )
             service = LocalAvatarService(store, eng.avatars, eng.cpu.background, settings.avatar.fps,
                                          lambda: _tts_info(eng), settings.services.webrtc_max_peers)
@@ -125,7 +128,7 @@ def create_app(settings: Settings, engines: Engines | None = None, config_path: 
     render = settings.services.render
     app.add_middleware(BodyLimitMiddleware,  # render batches have their own, checked limit (render_api.py)
                        default=max(settings.server.max_body_bytes, max_body(render.max_batch_frames, render.max_batch_samples)),
-                       per_path=upload_limits(settings.avatar.max_upload_bytes))
+                       per_path=upload_limits(settings.avatar.largest_upload))
     app.add_middleware(AccessMiddleware, config=settings.server)  # outermost: refused before any work
     app.add_exception_handler(AvatarServiceError, service_error)
     app.add_exception_handler(WebRTCError, service_error)

@@ -45,7 +45,7 @@ async def preview(request: Request, name: str = Query(...), size: int = Query(25
 
 @router.post("/avatar/add", status_code=201)
 async def add(request: Request, name: str = Form(...), file: UploadFile = File(...)) -> dict[str, Any]:
-    limit = request.app.state.settings.avatar.max_upload_bytes
+    limit = request.app.state.settings.avatar.largest_upload  # the store checks each kind's own limit
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise HTTPException(413, f"upload is over the {limit}-byte limit")

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from avatarchat.config import ClipConfig
+from avatarchat.engines.avatar.clip import CLIP_FILE, ClipError, ClipLimits, make_clip
 from avatarchat.engines.avatar.face import AvatarModel, NoFaceError, create_avatar
 from avatarchat.engines.avatar.library import NAME_RULE, valid_name
 
@@ -44,10 +46,31 @@ class AvatarInfo:
     width: int
     height: int
     source: str  # the uploaded file's name, or "builtin"
+    video: bool = False  # made from a video clip
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "builtin": self.builtin, "created": self.created, "width": self.width,
-                "height": self.height, "source": self.source}
+                "height": self.height, "source": self.source, "video": self.video}
+
+
+def clip_limits(c: ClipConfig) -> ClipLimits | None:
+    """What the store accepts as a video avatar (None: no video avatars)."""
+    if not c.enabled:
+        return None
+    return ClipLimits(min_s=c.min_s, max_s=c.max_s, max_frame_pixels=c.max_frame_pixels, loop_s=c.loop_s)
+
+
+def is_image(data: bytes) -> bool:
+    """Does the upload claim to be an image (of any format Pillow knows)? Otherwise it may be a video clip."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)):
+                return True
+    except UnidentifiedImageError:
+        return False
+    except Exception:  # noqa: BLE001 - an image Pillow refuses (a bomb): decode_image says why
+        return True
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -76,9 +99,14 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 class AvatarStore:
     def __init__(self, directory: str | Path, *, max_upload_bytes: int, max_pixels: int, size: int = 512,
-                 max_avatars: int = 200) -> None:
+                 max_avatars: int = 200, clip: ClipLimits | None = None, max_clip_bytes: int = 0, fps: int = 25) -> None:
+        """``clip``: accept video clips within these limits (None: portraits only)."""
         self.dir = Path(directory)
-        self.max_upload_bytes = max_upload_bytes
+        self.max_image_bytes = max_upload_bytes
+        self.clip = clip
+        self.max_clip_bytes = max_clip_bytes if clip is not None else 0
+        self.max_upload_bytes = max(max_upload_bytes, self.max_clip_bytes)  # either kind
+        self.fps = fps
         self.max_pixels = max_pixels
         self.max_avatars = max_avatars
         self.size = size
@@ -108,7 +136,7 @@ class AvatarStore:
     def list(self) -> list[AvatarInfo]:
         rows = self._db.execute("SELECT name, created, width, height, source FROM avatars ORDER BY created").fetchall()
         return [AvatarInfo(BUILTIN, True, 0.0, self.size, self.size, "builtin")] + [
-            AvatarInfo(n, False, c, w, h, s) for n, c, w, h, s in rows
+            AvatarInfo(n, False, c, w, h, s, (self.dir / n / CLIP_FILE).is_file()) for n, c, w, h, s in rows
         ]
 
     def exists(self, name: str) -> bool:
@@ -122,11 +150,7 @@ class AvatarStore:
         if self.exists(name):
             raise AvatarStoreError(409, f"an avatar named {name!r} already exists")
         self._check_room()
-        rgb = decode_image(data, self.max_pixels)
-        try:
-            model = create_avatar(rgb, name, size=self.size)
-        except NoFaceError as e:
-            raise AvatarStoreError(422, f"no face found in the image: {e}") from e
+        model = self._image_avatar(name, data) if self.clip is None or is_image(data) else self._clip_avatar(name, data)
         with self._lock:
             if self.exists(name):
                 raise AvatarStoreError(409, f"an avatar named {name!r} already exists")
@@ -137,7 +161,29 @@ class AvatarStore:
                 "INSERT INTO avatars (name, created, width, height, source) VALUES (?, ?, ?, ?, ?)",
                 (name, created, self.size, self.size, source[:200]),
             )
-        return AvatarInfo(name, False, created, self.size, self.size, source[:200])
+        return AvatarInfo(name, False, created, self.size, self.size, source[:200], model.clip is not None)
+
+    def _image_avatar(self, name: str, data: bytes) -> AvatarModel:
+        if len(data) > self.max_image_bytes:
+            raise AvatarStoreError(413, f"the image is {len(data)} bytes; the limit is {self.max_image_bytes}")
+        rgb = decode_image(data, self.max_pixels)
+        try:
+            return create_avatar(rgb, name, size=self.size)
+        except NoFaceError as e:
+            raise AvatarStoreError(422, f"no face found in the image: {e}") from e
+
+    def _clip_avatar(self, name: str, data: bytes) -> AvatarModel:
+        assert self.clip is not None
+        if len(data) > self.max_clip_bytes:
+            raise AvatarStoreError(413, f"the video is {len(data)} bytes; the limit is {self.max_clip_bytes}")
+        try:
+            portrait, landmarks, clip = make_clip(data, self.fps, self.size, self.clip)
+        except ClipError as e:
+            if e.status == 415:  # neither an image nor a video
+                raise AvatarStoreError(415, f"not an image or a video: upload a PNG, JPEG or WebP portrait, or a "
+                                            f"{self.clip.min_s:g}–{self.clip.max_s:g} s video of a person ({e})") from e
+            raise AvatarStoreError(e.status, str(e)) from e
+        return AvatarModel(name, portrait, landmarks, clip)
 
     def _check_room(self) -> None:
         stored = self._db.execute("SELECT COUNT(*) FROM avatars").fetchone()[0]

@@ -12,9 +12,13 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from avatarchat.engines.avatar.clip import AvatarClip
 
 # Face-mesh indices used to frame the portrait.
 LEFT_EYE_OUTER, RIGHT_EYE_OUTER = 33, 263
@@ -32,6 +36,7 @@ class AvatarModel:
     name: str
     image: np.ndarray  # (H, W, 3) uint8 RGB
     landmarks: np.ndarray  # (N, 2) float32 pixel coordinates, N = 468 or 478
+    clip: AvatarClip | None = None  # a video avatar's clip (engines/avatar/clip.py); the portrait is one of its frames
 
     @classmethod
     def load(cls, directory: Path) -> AvatarModel:
@@ -47,7 +52,9 @@ class AvatarModel:
             name = json.loads(meta_path.read_text(encoding="utf-8")).get("name", name)
         if landmarks.ndim != 2 or landmarks.shape[1] != 2 or len(landmarks) < 468:
             raise ValueError(f"{directory / 'landmarks.json'} does not hold face-mesh landmarks")
-        return cls(name, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), landmarks)
+        from avatarchat.engines.avatar.clip import AvatarClip
+
+        return cls(name, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), landmarks, AvatarClip.load(directory))
 
     def save(self, directory: Path, meta: dict[str, str] | None = None) -> None:
         """Write atomically: a crash leaves either the old avatar or the new one, never half of one."""
@@ -63,6 +70,8 @@ class AvatarModel:
             lm = {"width": w, "height": h, "landmarks": np.round(self.landmarks, 2).tolist()}
             (tmp / "landmarks.json").write_text(json.dumps(lm), encoding="utf-8")
             (tmp / "meta.json").write_text(json.dumps({"name": self.name, **(meta or {})}), encoding="utf-8")
+            if self.clip is not None:
+                self.clip.save(tmp)
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())

@@ -23,6 +23,15 @@ def valid_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
+def portrait_or_clip(model: AvatarModel, fps: int) -> AvatarRendererProtocol:
+    """The warp engine's renderer: a video avatar's clip renderer, or the portrait's landmark warp."""
+    if model.clip is not None:
+        from avatarchat.engines.avatar.clip import ClipRenderer
+
+        return ClipRenderer(model.clip, fps=fps)
+    return AvatarRenderer(model, fps=fps)
+
+
 class UnknownAvatarError(KeyError):
     pass
 
@@ -36,7 +45,7 @@ class AvatarLibrary:
         """``factory`` makes an avatar's renderer (engines/registry.py's AVATAR_ENGINES); default: the warp renderer."""
         self._extra = Path(extra_dir) if extra_dir else None
         self._fps = fps
-        self._factory: RendererFactory = factory or (lambda model: AvatarRenderer(model, fps=fps))
+        self._factory: RendererFactory = factory or (lambda model: portrait_or_clip(model, fps))
         self._renderers: OrderedDict[str, AvatarRendererProtocol] = OrderedDict()  # least recently used first
         self._max = max_renderers
         self._lock = threading.Lock()

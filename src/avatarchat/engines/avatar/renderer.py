@@ -37,9 +37,11 @@ EYES = (
 PAD = 4  # px of margin on the mouth/eye fields, so they can follow the head by up to PAD px
 JAW_DROP = 0.25  # full opening, as a fraction of the mouth width
 WIDE_GAIN = 0.16
-CAVITY = np.array([46, 16, 20], np.float32)
-TONGUE = np.array([158, 72, 78], np.float32)
-TEETH = np.array([226, 222, 212], np.float32)
+TEETH = np.array([232, 226, 212], np.float32)  # in a portrait lit like a passport photo (face ~175 luma)
+TONGUE = np.array([182, 86, 92], np.float32)
+# Tooth edges across the mouth, in half inner-lip widths from the middle: incisors, canines, premolars.
+UPPER_TEETH = np.array([0.0, 0.25, 0.46, 0.64, 0.79, 0.92])
+LOWER_TEETH = np.array([0.0, 0.16, 0.33, 0.5, 0.66, 0.8])
 
 
 def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
@@ -80,6 +82,18 @@ class _Frame:
     def to_xy(self, du: np.ndarray, dv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A displacement in (u, v) as (dx, dy), float32."""
         return (du * self.cos - dv * self.sin).astype(np.float32), (du * self.sin + dv * self.cos).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Eye:
+    rect: _Rect
+    frame: _Frame
+    v: np.ndarray  # across the eye (down), over the padded rect
+    top: np.ndarray  # the upper lid margin's v at each pixel's u
+    h: np.ndarray  # the eye's opening there
+    lens: np.ndarray  # 1 over the eye, 0 beyond its corners and at the rect's edge
+    skin: np.ndarray  # (H, W, 3) float32: the lid's skin, shaded, over the padded rect
+    lash: np.ndarray  # (3,) float32: the colour of the lashes
 
 
 def _edge_taper(shape: tuple[int, int], margin: float) -> np.ndarray:
@@ -200,13 +214,50 @@ class AvatarRenderer:
         wide_u = WIDE_GAIN * u * bump * taper
         self._wide_x, self._wide_y = frame.to_xy(wide_u, np.zeros_like(wide_u))
 
-        # Oral cavity: its colour depends on how far down the current gap a pixel is (see _shade_mouth).
+        # The inside of the mouth (see _shade_mouth), in the gap's own coordinates: across (u / inner half
+        # width) and, per unit of opening, where the upper edge is (it rises a little) and how tall the gap is.
         self._gap_v = (v - split).astype(np.float32)
-        self._gap_centre = np.clip(1 - (u / inner_hw) ** 2, 0, 1).astype(np.float32)
-        self._jaw_px = j
-        self._teeth_band = np.where(below, -1.0, split - v).astype(np.float32)  # distance above the split
+        self._gap_u = np.clip(u / inner_hw, -1, 1).astype(np.float32)
+        self._rise_full = (j * 0.12 * g_mouth * taper).astype(np.float32)
+        self._gap_full = (j * 1.12 * g_mouth * taper).astype(np.float32)
         self._draw_teeth = not shows_teeth
         self._mouth_width = 2 * mw
+        self._palette(lm, shows_teeth)
+        # Fine grain, so the interior is never a flat fill (fixed per avatar: it does not flicker).
+        grain = np.random.default_rng(int(abs(lm[13]).sum() * 100) % 2**32).normal(0, 1, u.shape).astype(np.float32)
+        grain = cv2.GaussianBlur(grain, (0, 0), 0.8)
+        self._grain = (grain / (grain.std() + 1e-6) * 0.035).astype(np.float32)
+
+    def _palette(self, lm: np.ndarray, shows_teeth: bool) -> None:
+        """Colours of the mouth's inside, matched to the portrait: from its lips, and its light on the skin."""
+        h, w = self._image.shape[:2]
+        outer = np.round(np.concatenate([lm[OUTER_UPPER], lm[OUTER_LOWER][::-1]])).astype(np.int32)
+        inner = np.round(np.concatenate([lm[INNER_UPPER], lm[INNER_LOWER][::-1]])).astype(np.int32)
+        lips = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(lips, [outer], 1)
+        cv2.fillPoly(lips, [inner], 0)
+        lip = np.median(self._image[lips > 0], axis=0).astype(np.float32) if lips.any() else TONGUE
+        cheeks = np.concatenate([self._patch_at(lm[k], 0.04 * self._face_h) for k in (50, 280)])
+        skin = np.median(cheeks, axis=0)
+        light = float(np.clip(skin @ np.array([0.299, 0.587, 0.114]) / 175.0, 0.55, 1.1))
+        # Teeth take the photo's white balance: a warm photo has ivory teeth, not grey-blue ones.
+        tint = 0.6 + 0.4 * skin / max(float(skin.max()), 1.0)
+        teeth = tint * min(240.0, 1.3 * float(skin @ np.array([0.299, 0.587, 0.114]))) / float(tint @ [0.299, 0.587, 0.114])
+        if shows_teeth:  # the portrait's own teeth
+            gap = np.zeros((h, w), np.uint8)
+            cv2.fillPoly(gap, [inner], 1)
+            px = self._image[gap > 0].astype(np.float32)
+            bright = px[px.sum(axis=1) >= np.percentile(px.sum(axis=1), 60)] if len(px) else px
+            if len(bright):
+                teeth = np.median(bright, axis=0)
+        self._lip_rgb = lip
+        self._throat_rgb = lip * 0.42
+        self._tongue_rgb = 0.5 * lip + 0.5 * TONGUE * light
+        self._teeth_rgb = teeth.astype(np.float32)
+
+    def _patch_at(self, point: np.ndarray, radius: float) -> np.ndarray:
+        x, y, r = int(point[0]), int(point[1]), max(2, int(radius))
+        return self._image[max(0, y - r) : y + r, max(0, x - r) : x + r].reshape(-1, 3).astype(np.float32)
 
     def _shows_teeth(self, lm: np.ndarray) -> bool:
         """Does the portrait already show teeth between the lips (then they move with the warp)?"""
@@ -219,7 +270,7 @@ class AvatarRenderer:
         return bool(patch.mean() > 140 and (patch.max(axis=1) - patch.min(axis=1)).mean() < 60)
 
     def _build_eyes(self, lm: np.ndarray) -> None:
-        self._eyes: list[tuple[_Rect, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._eyes: list[_Eye] = []
         for (c0, c1), upper_ids, lower_ids in EYES:
             a, b = lm[c0], lm[c1]
             if a[0] > b[0]:
@@ -240,20 +291,51 @@ class AvatarRenderer:
             )
             gx, gy = rect.padded(PAD).grid()
             u, v = frame.uv(gx, gy)
-            top = np.interp(u, uu, vu)
-            bottom = np.interp(u, ul, vl)
-            lens = np.clip(1 - (u / (1.1 * ew)) ** 2, 0, 1) ** 0.35
-            # The lid skin above the lid margin (a strip of 0.6 × the opening) stretches down to the lower lid:
-            # a linear, monotonic stretch, so the brow above it never moves.
-            h_eye = np.maximum(bottom - top, 0.0)
-            skin = 0.6 * h_eye
-            stretch = np.clip(v - (top - skin), 0.0, None) * h_eye / np.maximum(h_eye + skin, 1e-3)
-            below = 1 - _smoothstep(0.5, 2.0, v - bottom)
-            drop = np.where(v > bottom, h_eye * below, stretch) * lens
-            bx, by = frame.to_xy(np.zeros_like(drop), drop)
-            # Lashes: where the closed lids meet, a soft dark line.
-            lash = (np.exp(-(((v - bottom) / 1.4) ** 2)) * lens * (u**2 < ew**2)).astype(np.float32)
-            self._eyes.append((rect, bx, by, lash))
+            top = np.interp(u, uu, vu).astype(np.float32)
+            bottom = np.interp(u, ul, vl).astype(np.float32)
+            lens = (np.clip(1 - (u / (1.2 * ew)) ** 2, 0, 1) ** 0.3 * _edge_taper(u.shape, 2.0)).astype(np.float32)
+            h = np.maximum(bottom - top, 0.0)
+            # The lid skin's colour: the skin between lashes and brow, smoothed (normalised convolution) and
+            # carried over the eye. Stretching the real strip above the lashes would smear lashes into streaks.
+            p = rect.padded(PAD)
+            patch = self._image[max(0, p.y0) : p.y1, max(0, p.x0) : p.x1].astype(np.float32)
+            band = (v > top - 1.5 * height) & (v < top - 0.5 * height) & (np.abs(u) < 1.1 * ew)
+            band = band[-patch.shape[0] :, -patch.shape[1] :]
+            lum = patch.sum(axis=2)
+            if band.any():  # skin, not the lashes or the crease that reach into the band
+                band &= lum >= np.percentile(lum[band], 35)
+            band = band.astype(np.float32)
+            sigma = max(1.0, 0.5 * height)
+            weight = cv2.GaussianBlur(band, (0, 0), sigma) + 1e-4
+            skin = cv2.GaussianBlur(patch * band[..., None], (0, 0), sigma) / weight[..., None]
+            if skin.shape[:2] != u.shape:  # the padded rect reached past the image: edge-replicate
+                skin = cv2.copyMakeBorder(skin, u.shape[0] - skin.shape[0], 0, u.shape[1] - skin.shape[1], 0,
+                                          cv2.BORDER_REPLICATE)
+            # A lid is round: a little darker towards its edge and the eye's corners.
+            shade = 1 - 0.07 * np.clip((v - top) / height, 0, 1) - 0.06 * (u / ew) ** 2
+            skin = skin * np.clip(shade, 0.75, 1.0)[..., None]
+            near = (np.abs(v - top) < max(1.0, 0.2 * height)) & (np.abs(u) < 0.8 * ew)
+            near = near[-patch.shape[0] :, -patch.shape[1] :]
+            dark = patch[near] if near.any() else patch.reshape(-1, 3)
+            lash = dark[np.argsort(dark.sum(axis=1))[: max(1, len(dark) // 5)]].mean(axis=0)
+            self._eyes.append(_Eye(rect, frame, v.astype(np.float32), top, h, lens, skin.astype(np.float32),
+                                   lash.astype(np.float32)))
+
+    def _lid(self, eye: _Eye, blink: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The upper lid lowered by ``blink`` (0 open, 1 closed): how much of each pixel is lid skin, lash line,
+        and shadow. The lid is drawn, not warped: the eye under it stays put, and stretching the real strip above
+        the lashes would smear them into streaks. Every edge is a smooth function of the distance to the lid's
+        margin, so it is anti-aliased at any position."""
+        v, top, h = eye.v, eye.top, np.maximum(eye.h, 2.0)
+        margin = top + blink * 0.92 * h  # the lid's edge now; closed, it meets just above the lower lid
+        strength = min(1.0, 4 * blink)
+        lid = _smoothstep(-0.6, -0.15, (v - top) / h) * (1 - _smoothstep(-0.6, 0.6, v - margin))
+        cover = (lid * eye.lens * strength).astype(np.float32)
+        width = np.maximum(0.12 * h, 0.7)
+        lash = (np.exp(-(((v - margin) / width) ** 2)) * eye.lens * strength).astype(np.float32)
+        below = v - margin
+        shadow = np.exp(-((below / np.maximum(0.15 * h, 0.8)) ** 2)) * (below > 0) * eye.lens * strength
+        return cover, lash, shadow.astype(np.float32)
 
     def _build_idle(self) -> None:
         n = self.idle_period_frames
@@ -314,14 +396,14 @@ class AvatarRenderer:
                 if coef:
                     sub_x -= coef * fx[f_sl]
                     sub_y -= coef * fy[f_sl]
-        lashes = []
+        lids = []
         if blink > 0:
-            for rect, bx, by, lash in self._eyes:
+            for eye in self._eyes:
+                rect = eye.rect
                 e_sl = rect.within(self._roi)
                 ef = (slice(PAD - oy, PAD - oy + rect.y1 - rect.y0), slice(PAD - ox, PAD - ox + rect.x1 - rect.x0))
-                mx[e_sl] -= blink * bx[ef]
-                my[e_sl] -= blink * by[ef]
-                lashes.append((e_sl, lash[ef]))
+                cover, lash, shadow = self._lid(eye, blink)
+                lids.append((e_sl, cover[ef], lash[ef], shadow[ef], eye.skin[ef], eye.lash))
 
         roi = cv2.remap(self._image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         if opening > 0.01:
@@ -332,9 +414,11 @@ class AvatarRenderer:
                 region = roi[m_sl].astype(np.float32)
                 region *= (1 - 0.3 * closed * self._lip_line[f_sl])[..., None]
                 roi[m_sl] = region.astype(np.uint8)
-        for e_sl, lash in lashes:
+        for e_sl, cover, lash, shadow, skin, lash_rgb in lids:
             region = roi[e_sl].astype(np.float32)
-            region *= (1 - 0.45 * blink * blink * lash)[..., None]
+            region *= (1 - 0.3 * shadow)[..., None]
+            region += (skin - region) * cover[..., None]
+            region += (lash_rgb - region) * (0.8 * lash)[..., None]
             roi[e_sl] = region.astype(np.uint8)
 
         if out is None:
@@ -348,30 +432,57 @@ class AvatarRenderer:
     def _shade_mouth(self, region: np.ndarray, opening: float, press: float, f_sl: tuple[slice, slice]) -> None:
         depth = opening * self._open_depth[f_sl] - press * self._press_depth[f_sl] - self._split_dist[f_sl]
         # Anti-aliased edge, and nothing where the opening moves a pixel by under a pixel (off the lips).
-        alpha = np.clip(depth + 0.5, 0.0, 1.0) * np.clip(opening * self._open_depth[f_sl], 0.0, 1.0)
+        alpha = np.clip((depth + 0.7) / 1.4, 0.0, 1.0) * np.clip(opening * self._open_depth[f_sl], 0.0, 1.0)
         rows = np.flatnonzero(alpha.max(axis=1) > 0)
         if not len(rows):
             return
         r0, r1 = rows[0], rows[-1] + 1
+        rs = (slice(f_sl[0].start + r0, f_sl[0].start + r1), f_sl[1])
         a = alpha[r0:r1, :, None]
-        # Dark under the upper lip, shading to the tongue's tone low in the gap and towards its middle.
-        gap = max(opening * self._jaw_px, 1.0)
-        low = _smoothstep(0.15, 1.0, self._gap_v[f_sl][r0:r1] / gap) * self._gap_centre[f_sl][r0:r1]
-        cavity = CAVITY + (TONGUE - CAVITY) * (0.75 * low)[..., None]
-        if self._draw_teeth:
-            # Upper teeth just under the upper lip, when the mouth is open enough to show them.
-            band = self._teeth_band[f_sl][r0:r1]
-            gap_top = opening * self._open_depth[f_sl][r0:r1]
-            teeth_h = 0.07 * self._mouth_width * min(1.0, opening * 1.6)
-            t = np.clip((teeth_h - (gap_top - band)) / 1.5, 0, 1) * (band >= 0) * 0.9
-            cavity = cavity + (TEETH - cavity) * t[..., None]
+        un = self._gap_u[rs]
+        side = 1 - un * un
+        tall = np.maximum(opening * self._gap_full[rs], 1.0)  # the gap's height in this column, px
+        top = self._gap_v[rs] + opening * self._rise_full[rs]  # px below the upper lip's inner edge
+        bottom = tall - top  # px above the lower lip's inner edge
+        width = self._mouth_width
+        # The back of the mouth: darkest deep in the middle of the gap.
+        deep = np.sin(np.pi * np.clip(top / tall, 0, 1)) * side
+        colour = self._throat_rgb * (1.1 - 0.4 * deep)[..., None]
+        # The tongue: a dome rising from behind the lower teeth, lighter at its tip than at its back.
+        dome = 0.55 * tall * np.sqrt(side)
+        cover = np.clip((dome - bottom) / 1.2, 0, 1) * np.clip(tall / 4 - 0.5, 0, 1)
+        tone = (0.6 + 0.4 * np.clip(1 - bottom / np.maximum(dome, 1.0), 0, 1)) * (1 - 0.35 * un * un)
+        colour += (self._tongue_rgb * tone[..., None] - colour) * cover[..., None]
+        # Lower teeth, in the upper lip's shadow, once the jaw has dropped far enough to show them.
+        low_h = min(0.04 * width, 0.2 * float(tall.max())) * np.clip(1 - (un / 0.7) ** 2, 0, 1) ** 0.5
+        colour = self._teeth(colour, bottom, low_h, un, LOWER_TEETH, 0.8, gaps=0.12)
+        if self._draw_teeth:  # upper teeth, hanging from under the upper lip (the skull's; they do not move)
+            up_h = 0.11 * width * (1 - 0.45 * un * un)
+            colour = self._teeth(colour, top, up_h, un, UPPER_TEETH, 1.0, gaps=0.2)
+        # The lips' moist inner edge, and the grain.
+        rim = np.exp(-((top / 1.3) ** 2)) + np.exp(-((bottom / 1.3) ** 2))
+        colour += (self._lip_rgb * 0.75 - colour) * (0.35 * np.clip(rim, 0, 1))[..., None]
+        colour *= (1 + self._grain[rs])[..., None]
         block = region[r0:r1].astype(np.float32)
         # A soft shadow just outside the gap makes the lips' inner edge read as depth.
         near_gap = self._open_depth[f_sl][r0:r1] * opening > 1.0
         shadow = (np.clip((depth[r0:r1] + 3.0) / 3.0, 0.0, 1.0) * near_gap)[..., None] * 0.18
         block *= 1 - shadow
-        block += (cavity - block) * a
-        region[r0:r1] = block.astype(np.uint8)
+        block += (colour - block) * a
+        region[r0:r1] = np.clip(block, 0, 255).astype(np.uint8)
+
+    def _teeth(self, colour: np.ndarray, along: np.ndarray, height: np.ndarray | float, un: np.ndarray,
+               edges: np.ndarray, light: float, gaps: float) -> np.ndarray:
+        """A row of teeth ``height`` px tall from a lip edge (``along``: px from it), with rounded tips, the
+        gaps between them, and darker towards the corners of the mouth and right under the lip."""
+        dist = np.min(np.abs(np.abs(un)[..., None] - edges[1:]), axis=-1) * (0.5 * self._mouth_width)
+        tips = height * (1 - 0.12 * np.exp(-((dist / 1.5) ** 2)))
+        cover = np.clip((tips - along) / 1.0, 0, 1) * np.clip(np.asarray(height) - 1.0, 0, 1)
+        if not cover.any():
+            return colour
+        shade = light * (1 - 0.4 * un * un) * (0.8 + 0.2 * np.clip(along / 2.0, 0, 1))
+        shade = shade * (1 - gaps * np.exp(-((dist / 0.6) ** 2)))
+        return colour + (self._teeth_rgb * shade[..., None] - colour) * cover[..., None]
 
     def idle_frames(self) -> Iterator[np.ndarray]:
         rest = np.zeros(3, np.float32)

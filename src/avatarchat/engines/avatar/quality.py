@@ -1,0 +1,152 @@
+"""How believable a rendered face is, measured on the frames themselves (issue 15): by MediaPipe's face
+mesh run on the output, not by the renderer's own idea of what it drew.
+
+- ``lip_sync``: the correlation between the speech's loudness and the mouth opening seen in the frames.
+- ``seam``: the image gradient along the border of what a frame changed, over the source photo's there.
+- ``interior``: whether an open mouth shows teeth or tongue rather than a flat dark hole.
+- ``eye_openness``: lid gap over eye width, to see that a blink closes the lids.
+
+Blocking and slow (MediaPipe: ~5 ms a frame): for benchmarks and tests, never the live path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from avatarchat.engines.avatar.renderer import INNER_LOWER, INNER_UPPER
+
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+UPPER_LIP, LOWER_LIP, CHIN, FOREHEAD = 13, 14, 152, 10
+EYE_LIDS = ((159, 145, 33, 133), (386, 374, 263, 362))  # upper, lower, corner, corner
+
+
+class FaceTracker:
+    """MediaPipe face mesh (with lips and irises) over a sequence of RGB frames."""
+
+    def __init__(self, video: bool = True) -> None:
+        import mediapipe as mp
+
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=not video, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.5
+        )
+
+    def landmarks(self, frame: np.ndarray) -> np.ndarray | None:
+        result = self._mesh.process(np.ascontiguousarray(frame))
+        if not result.multi_face_landmarks:
+            return None
+        h, w = frame.shape[:2]
+        return np.array([(p.x * w, p.y * h) for p in result.multi_face_landmarks[0].landmark], np.float32)
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def __enter__(self) -> FaceTracker:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def mouth_opening(lm: np.ndarray) -> float:
+    """The inner lips' gap over the face's height."""
+    return float(np.linalg.norm(lm[LOWER_LIP] - lm[UPPER_LIP]) / np.linalg.norm(lm[CHIN] - lm[FOREHEAD]))
+
+
+def eye_openness(lm: np.ndarray) -> float:
+    """Mean over both eyes of the lid gap over the eye's width."""
+    return float(np.mean([np.linalg.norm(lm[a] - lm[b]) / np.linalg.norm(lm[c] - lm[d]) for a, b, c, d in EYE_LIDS]))
+
+
+def loudness(audio: np.ndarray, rate: int, fps: int, frames: int) -> np.ndarray:
+    """RMS of the audio in each video frame's span."""
+    per = rate / fps
+    return np.array([
+        float(np.sqrt(np.mean(np.square(audio[round(k * per) : round((k + 1) * per)], dtype=np.float64)) + 1e-12))
+        for k in range(frames)
+    ])
+
+
+def lip_sync(envelope: np.ndarray, opening: np.ndarray, max_lag: int = 2) -> tuple[float, int]:
+    """Pearson correlation of loudness and opening, the best over lags of up to ``max_lag`` frames (a mouth
+    moves a little before its sound); returns (r, lag in frames, + when the mouth leads)."""
+    best = (-1.0, 0)
+    for lag in range(-max_lag, max_lag + 1):
+        a = envelope[lag:] if lag >= 0 else envelope[:lag]
+        b = opening[: len(opening) - lag] if lag >= 0 else opening[-lag:]
+        n = min(len(a), len(b))
+        if n < 3 or np.std(a[:n]) == 0 or np.std(b[:n]) == 0:
+            continue
+        r = float(np.corrcoef(a[:n], b[:n])[0, 1])
+        best = max(best, (r, lag))
+    return best
+
+
+def _gradient(image: np.ndarray) -> np.ndarray:
+    y = image.astype(np.float32) @ LUMA
+    return cv2.magnitude(cv2.Sobel(y, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(y, cv2.CV_32F, 0, 1, ksize=3))
+
+
+def seam(frame: np.ndarray, rest: np.ndarray, source: np.ndarray, threshold: float = 6.0) -> float | None:
+    """How much sharper the border of the changed region is than the source photo there: the mean gradient
+    on a 3 px band along the outer border of the pixels that differ from ``rest`` (the same pose with the
+    mouth at rest) by more than ``threshold`` levels, over the mean gradient of ``source`` on that band.
+    ~1: no seam; a pasted patch with a hard edge gives 2 or more. None: nothing changed."""
+    changed = (np.abs(frame.astype(np.int16) - rest.astype(np.int16)).max(axis=2) > threshold).astype(np.uint8)
+    if changed.sum() < 20:
+        return None
+    # The outer border only: fill the changed region's holes (the mouth's inside is not a seam).
+    contours, _ = cv2.findContours(changed, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    filled = np.zeros_like(changed)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    kernel = np.ones((3, 3), np.uint8)
+    band = cv2.dilate(filled, kernel, iterations=2) - cv2.erode(filled, kernel, iterations=1)
+    band = band.astype(bool)
+    ours, theirs = _gradient(frame)[band].mean(), _gradient(source)[band].mean()
+    return float(ours / max(theirs, 1.0))
+
+
+@dataclass(frozen=True)
+class Interior:
+    pixels: int  # inside the inner lips
+    teeth: float  # share of them that look like teeth (bright, not saturated)
+    tongue: float  # share that look like tongue (red, not dark)
+    spread: float  # std of their luma
+
+    @property
+    def textured(self) -> bool:
+        """Teeth or tongue, not a flat dark hole."""
+        return self.teeth + self.tongue >= 0.12 and self.spread >= 10.0
+
+
+def interior(frame: np.ndarray, lm: np.ndarray) -> Interior:
+    """What the open mouth shows between the inner lips found on the frame."""
+    h, w = frame.shape[:2]
+    poly = np.round(np.concatenate([lm[INNER_UPPER], lm[INNER_LOWER][::-1]])).astype(np.int32)
+    mask = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(mask, [poly], 1)
+    mask = cv2.erode(mask, np.ones((3, 3), np.uint8))  # not the lips' own edge
+    px = frame[mask > 0].astype(np.float32)
+    if len(px) < 10:
+        return Interior(len(px), 0.0, 0.0, 0.0)
+    # The face's light: the cheeks' luma, so a dim photo is judged by its own standard.
+    cheeks = np.concatenate([_patch(frame, lm[k], 0.04 * np.linalg.norm(lm[CHIN] - lm[FOREHEAD])) for k in (50, 280)])
+    skin = float(np.median(cheeks @ LUMA))
+    y = px @ LUMA
+    top, bottom = px.max(axis=1), px.min(axis=1)
+    teeth = (y >= 0.62 * skin) & (top - bottom < 0.4 * np.maximum(top, 1))
+    tongue = (px[:, 0] > 1.3 * px[:, 1]) & (y >= 0.3 * skin) & ~teeth
+    return Interior(len(px), float(teeth.mean()), float(tongue.mean()), float(y.std()))
+
+
+def _patch(image: np.ndarray, point: np.ndarray, radius: float) -> np.ndarray:
+    x, y, r = int(point[0]), int(point[1]), max(2, int(radius))
+    return image[max(0, y - r) : y + r, max(0, x - r) : x + r].reshape(-1, 3).astype(np.float32)
+
+
+def track(frames: Iterable[np.ndarray]) -> list[np.ndarray | None]:
+    with FaceTracker() as tracker:
+        return [tracker.landmarks(f) for f in frames]

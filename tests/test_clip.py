@@ -1,0 +1,121 @@
+"""Video avatars (engines/avatar/clip.py): a clip of a talking person becomes the idle loop, and its own mouth
+images follow any speech. Measured on the output frames by MediaPipe (engines/avatar/quality.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from avatarchat.engines.avatar import quality
+from avatarchat.engines.avatar.clip import AvatarClip, ClipError, ClipLimits, ClipRenderer, make_clip
+from avatarchat.engines.avatar.face import AvatarModel
+from avatarchat.engines.avatar.library import AvatarLibrary
+from avatarchat.pipeline.media import Timeline
+from tests.support.clips import talking_clip
+from tests.support.speech import _piper
+
+LIMITS = ClipLimits(min_s=5.0, max_s=20.0, loop_s=3.0)
+
+
+@pytest.fixture(scope="module")
+def clip_bytes() -> bytes:
+    return talking_clip(8.0)
+
+
+@pytest.fixture(scope="module")
+def made(clip_bytes: bytes) -> tuple[np.ndarray, np.ndarray, AvatarClip]:
+    return make_clip(clip_bytes, limits=LIMITS)
+
+
+@pytest.fixture(scope="module")
+def renderer(made: tuple[np.ndarray, np.ndarray, AvatarClip]) -> ClipRenderer:
+    return ClipRenderer(made[2])
+
+
+def test_a_clip_is_framed_and_keeps_its_quietest_stretch_as_the_loop(made: tuple[np.ndarray, np.ndarray, AvatarClip]) -> None:
+    portrait, landmarks, clip = made
+    assert portrait.shape == (512, 512, 3) and landmarks.shape == (478, 2)
+    assert clip.frames == 200 and clip.landmarks.shape == (200, 478, 2)
+    assert len(clip.loop) == 75  # loop_s 3 s at 25 fps
+    assert clip.loop_start < 2 * 25  # the quiet first 2 s, not the talk
+    face_h = np.linalg.norm(landmarks[152] - landmarks[10])
+    assert 0.4 * 512 < face_h < 0.6 * 512  # framed as a portrait is
+    # The portrait is a frame of the loop whose face the mesh finds where the clip's landmarks say.
+    with quality.FaceTracker(video=False) as mesh:
+        found = mesh.landmarks(portrait)
+    assert found is not None and np.median(np.linalg.norm(found - landmarks, axis=1)) < 3.0
+
+
+def test_the_idle_loop_plays_forward_and_back_without_a_jump(renderer: ClipRenderer) -> None:
+    period = renderer.idle_period_frames
+    assert period == 2 * 75 - 2
+    indices = [renderer.base_index(k) for k in range(2 * period + 1)]
+    assert max(abs(a - b) for a, b in zip(indices, indices[1:])) == 1  # neighbours, also where it turns and wraps
+    frames = list(renderer.idle_frames())
+    assert len(frames) == period
+    steps = [np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(frames, frames[1:] + frames[:1])]
+    assert max(steps) < 6
+
+
+def test_the_mouth_follows_the_wanted_opening(renderer: ClipRenderer) -> None:
+    with quality.FaceTracker(video=False) as mesh:
+        seen = []
+        for opening in (0.0, 0.5, 1.0):
+            lm = mesh.landmarks(renderer.render(10, np.array([opening, 0.0, 0.0], np.float32)))
+            assert lm is not None
+            seen.append(quality.mouth_opening(lm))
+    assert seen[0] < seen[1] < seen[2] and seen[2] - seen[0] > 0.04, seen
+
+
+def test_speech_drives_the_clips_own_mouths_in_sync_and_without_a_seam(renderer: ClipRenderer) -> None:
+    piece = Timeline(25, 22050).prepare(_piper().synthesize("Good morning! Shall we talk about the history of ships?"))
+    frames = [renderer.render(k, row) for k, row in enumerate(piece.mouth)]
+    pasted = [k for k, row in enumerate(piece.mouth) if renderer.pick(renderer.base_index(k), row) != renderer.base_index(k)]
+    assert len(pasted) > len(frames) // 3
+    marks = quality.track(frames)
+    assert all(m is not None for m in marks)
+    opening = np.array([quality.mouth_opening(m) for m in marks])  # type: ignore[arg-type]
+    r, _ = quality.lip_sync(quality.loudness(piece.audio, 22050, 25, len(frames)), opening)
+    assert r >= 0.3, r
+    rest = [renderer.render(k, np.zeros(3, np.float32)) for k in pasted]
+    seams = [s for k, still in zip(pasted, rest) if (s := quality.seam(frames[k], still, still)) is not None]
+    assert seams and np.median(seams) < 1.5, seams
+
+
+def test_a_video_avatar_is_saved_loaded_and_rendered_by_the_library(made: tuple[np.ndarray, np.ndarray, AvatarClip], tmp_path: Path) -> None:
+    portrait, landmarks, clip = made
+    AvatarModel("talker", portrait, landmarks, clip).save(tmp_path / "talker")
+    loaded = AvatarModel.load(tmp_path / "talker")
+    assert loaded.clip is not None and loaded.clip.frames == clip.frames
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.clip.mouths, clip.mouths))
+    renderer = AvatarLibrary(tmp_path, fps=25).renderer("talker")
+    assert isinstance(renderer, ClipRenderer) and renderer.size == (512, 512)
+    assert np.array_equal(renderer.render(7, np.array([0.6, 0, 0])), ClipRenderer(clip).render(7, np.array([0.6, 0, 0])))
+
+
+@pytest.mark.parametrize(("kind", "limits", "status", "words"), [
+    ("two faces", LIMITS, 422, "2 faces"),
+    ("no face", LIMITS, 422, "no face"),
+    ("still mouth", LIMITS, 422, "mouth hardly moves"),
+    ("short", LIMITS, 422, "needs 5–20 s"),
+    ("long", ClipLimits(min_s=2.0, max_s=4.0), 422, "longer than 4 s"),
+    ("huge frames", ClipLimits(min_s=5.0, max_frame_pixels=100_000), 413, "pixels a frame"),
+    ("not a video", LIMITS, 415, "not a readable video"),
+    ("truncated", LIMITS, 415, "not a readable video"),  # an MP4 keeps its index at the end
+])
+def test_bad_clips_are_refused_with_a_reason(kind: str, limits: ClipLimits, status: int, words: str, clip_bytes: bytes) -> None:
+    data = {
+        "two faces": lambda: talking_clip(6.0, faces=2),
+        "no face": lambda: talking_clip(6.0, faces=0),
+        "still mouth": lambda: talking_clip(6.0, talk=False),
+        "short": lambda: talking_clip(3.0),
+        "long": lambda: clip_bytes,
+        "huge frames": lambda: clip_bytes,
+        "not a video": lambda: b"this is not a video" * 100,
+        "truncated": lambda: clip_bytes[: len(clip_bytes) // 3],
+    }[kind]()
+    with pytest.raises(ClipError) as e:
+        make_clip(data, limits=limits)
+    assert e.value.status == status and words in str(e.value), str(e.value)
