@@ -1,12 +1,14 @@
 """How believable the face is (issue 15): the same sentences rendered on several portraits, measured on the
 output frames by MediaPipe (avatarchat.engines.avatar.quality), plus render + encode speed on one core.
 
-    .venv/bin/python bench/bench_face.py [--portraits tests/data/portraits] [--sheets docs/faces]
+    .venv/bin/python bench/bench_face.py [--portraits tests/data/portraits] [--clip talk.mp4 ...] [--sheets docs/faces]
 
 Per portrait: lip-sync (loudness of the speech vs the mouth opening seen in the frames), seam (gradient on
 the border of the changed region over the source's there; ~1 is seamless), the share of open-mouth frames
 whose inside shows teeth or tongue, eye openness at the peak of a blink over open, and fps on one core.
-Contact sheets of open-mouth and blink frames go to --sheets.
+Contact sheets of open-mouth and blink frames go to --sheets. Video avatars: each --clip, or without one a
+clip made from the Grace Hopper portrait talking (tests/support/faces.py; no public-domain talking-head video
+can be installed here); their blinks are the clip's own (lid ratio: the least open over the median).
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support.faces
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _common import dump, machine, one_core_speech  # noqa: E402
 from avatarchat.engines.avatar import quality  # noqa: E402
+from avatarchat.engines.avatar.base import AvatarRendererProtocol  # noqa: E402
+from avatarchat.engines.avatar.clip import ClipLimits, ClipRenderer, make_clip  # noqa: E402
 from avatarchat.engines.avatar.face import AvatarModel, create_avatar, default_avatar_dir  # noqa: E402
 from avatarchat.engines.avatar.renderer import AvatarRenderer  # noqa: E402
 from avatarchat.engines.video.fmp4 import Fmp4Stream  # noqa: E402
@@ -37,19 +44,43 @@ OPEN = 0.35  # a frame whose opening coefficient is at least this counts as an o
 
 
 def portraits(folder: Path) -> list[AvatarModel]:
-    models = [AvatarModel.load(default_avatar_dir())]
+    """The default avatar and each photo in ``folder``; each also with much darker skin (a recolouring: no
+    such public-domain photo is installable), and the photos also a stop and a half darker (poor light)."""
+    from tests.support.faces import darker_skin
+
+    default = AvatarModel.load(default_avatar_dir())
+    models = [default, create_avatar(darker_skin(default.image), "default_dark")]
     for path in sorted(folder.glob("*.jpg")) + sorted(folder.glob("*.png")):
         image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
         models.append(create_avatar(image, path.stem))
+        models.append(create_avatar(darker_skin(image), path.stem + "_dark"))
+        dim = np.clip(image.astype(np.float32) * 0.4, 0, 255).astype(np.uint8)
+        models.append(create_avatar(dim, path.stem + "_dim"))
     return models
 
 
-def measure(model: AvatarModel, audio: np.ndarray, mouth: np.ndarray) -> dict[str, object]:
-    renderer = AvatarRenderer(model, fps=FPS)
+def lids(renderer: AvatarRendererProtocol) -> tuple[float | None, np.ndarray, np.ndarray]:
+    """Eye openness at the deepest blink over open, and those two frames."""
+    rest = np.zeros(3, np.float32)
+    if isinstance(renderer, AvatarRenderer):  # the renderer's own blink, from still images
+        blink = max(range(renderer.idle_period_frames), key=lambda k: renderer.idle_state(k)[3])
+        calm = min(range(renderer.idle_period_frames),
+                   key=lambda k: renderer.idle_state(k)[3] + abs(renderer.idle_state(k)[0]))
+        shut, wide = renderer.render(blink, rest), renderer.render(calm, rest)
+        with quality.FaceTracker(video=False) as still:
+            a, b = still.landmarks(shut), still.landmarks(wide)
+        return (quality.eye_openness(a) / quality.eye_openness(b) if a is not None and b is not None else None), wide, shut
+    frames = list(renderer.idle_frames())  # a clip: its own blinks, somewhere in the loop
+    marks = quality.track(frames)
+    eyes = np.array([quality.eye_openness(m) if m is not None else np.nan for m in marks])
+    k_shut, k_wide = int(np.nanargmin(eyes)), int(np.nanargmax(eyes))
+    return float(np.nanmin(eyes) / np.nanmedian(eyes)), frames[k_wide], frames[k_shut]
+
+
+def measure(name: str, renderer: AvatarRendererProtocol, audio: np.ndarray, mouth: np.ndarray) -> dict[str, object]:
     frames = [renderer.render(k, row) for k, row in enumerate(mouth)]
     rest = [renderer.render(k, np.zeros(3, np.float32)) for k in range(len(mouth))]
-    with quality.FaceTracker() as tracker:
-        marks = [tracker.landmarks(f) for f in frames]
+    marks = quality.track(frames)
     found = [i for i, m in enumerate(marks) if m is not None]
     opening = np.array([quality.mouth_opening(marks[i]) for i in found])  # type: ignore[arg-type]
     envelope = quality.loudness(audio, RATE, FPS, len(frames))[found]
@@ -57,12 +88,7 @@ def measure(model: AvatarModel, audio: np.ndarray, mouth: np.ndarray) -> dict[st
     open_frames = [i for i in found if mouth[i, 0] >= OPEN]
     insides = [quality.interior(frames[i], marks[i]) for i in open_frames]  # type: ignore[arg-type]
     seams = [s for i in open_frames if (s := quality.seam(frames[i], rest[i], rest[i])) is not None]
-    # A blink at rest, from a still image (static mode: no tracking memory of the open eye).
-    blink = max(range(renderer.idle_period_frames), key=lambda k: renderer.idle_state(k)[3])
-    calm = min(range(renderer.idle_period_frames), key=lambda k: renderer.idle_state(k)[3] + abs(renderer.idle_state(k)[0]))
-    with quality.FaceTracker(video=False) as still:
-        shut, wide = still.landmarks(renderer.render(blink, np.zeros(3))), still.landmarks(renderer.render(calm, np.zeros(3)))
-    lids = quality.eye_openness(shut) / quality.eye_openness(wide) if shut is not None and wide is not None else None
+    lid_ratio, wide, shut = lids(renderer)
     # Render + encode on this one core: thread CPU time, so other processes do not count.
     stream = Fmp4Stream(*renderer.size, FPS, RATE, threads=1)
     stream.add_audio(np.zeros(len(mouth) * RATE // FPS, np.float32))
@@ -72,9 +98,9 @@ def measure(model: AvatarModel, audio: np.ndarray, mouth: np.ndarray) -> dict[st
         stream.take()
     fps = len(mouth) / (time.thread_time() - cpu)
     stream.close()
-    sheet_open = [frames[i] for i in sorted(open_frames, key=lambda i: -mouth[i, 0])[:3]]
+    lm = marks[found[0]]
     return {
-        "name": model.name,
+        "name": name,
         "tracked": len(found) / len(frames),
         "lip_sync_r": r, "lip_sync_lag": lag,
         "open_frames": len(open_frames),
@@ -83,9 +109,9 @@ def measure(model: AvatarModel, audio: np.ndarray, mouth: np.ndarray) -> dict[st
         "tongue_share": float(np.median([x.tongue for x in insides])) if insides else 0.0,
         "seam_median": float(np.median(seams)) if seams else None,
         "seam_p95": float(np.percentile(seams, 95)) if seams else None,
-        "blink_lid_ratio": lids,
+        "blink_lid_ratio": lid_ratio,
         "fps_one_core": fps,
-        "_sheet": (model.image, sheet_open, renderer.render(blink, np.zeros(3)), model.landmarks),
+        "_sheet": (rest[0], [frames[i] for i in sorted(open_frames, key=lambda i: -mouth[i, 0])[:3]], wide, shut, lm),
     }
 
 
@@ -100,14 +126,14 @@ def sheets(results: list[dict[str, object]], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     mouths, eyes = [], []
     for res in results:
-        source, opened, blink, lm = res["_sheet"]  # type: ignore[misc]
+        source, opened, wide, blink, lm = res["_sheet"]  # type: ignore[misc]
         face_h = float(np.linalg.norm(lm[152] - lm[10]))
         s = 128 / face_h  # the same face size in every row
         scaled = [cv2.resize(f, None, fx=s * 2, fy=s * 2, interpolation=cv2.INTER_AREA) for f in (source, *opened)]
         m = lm[[13, 14]].mean(axis=0) * s * 2
         mouths.append(np.hstack([crop(f, m, 80, 48, 1) for f in scaled]))
         e = lm[[33, 263]].mean(axis=0) * s * 2
-        both = [cv2.resize(f, None, fx=s * 2, fy=s * 2, interpolation=cv2.INTER_AREA) for f in (source, blink)]
+        both = [cv2.resize(f, None, fx=s * 2, fy=s * 2, interpolation=cv2.INTER_AREA) for f in (wide, blink)]
         eyes.append(np.hstack([crop(f, e, 110, 36, 1) for f in both]))
     for name, rows in (("mouths.png", mouths), ("blinks.png", eyes)):
         width = max(r.shape[1] for r in rows)
@@ -118,11 +144,22 @@ def sheets(results: list[dict[str, object]], folder: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--portraits", type=Path, default=Path("tests/data/portraits"))
+    ap.add_argument("--clip", type=Path, action="append", default=[], help="a video avatar's clip (repeatable)")
     ap.add_argument("--sheets", type=Path, default=None, help="write contact sheets here (e.g. docs/faces)")
     args = ap.parse_args()
+    clips = [(p.stem, p.read_bytes()) for p in args.clip]
+    if not clips:
+        from tests.support.faces import talking_clip
+
+        clips = [("hopper_clip", talking_clip(30.0))]
     speech = one_core_speech(TEXT)
     piece = Timeline(FPS, RATE).prepare(speech)
-    results = [measure(m, piece.audio, piece.mouth) for m in portraits(args.portraits)]
+    results = [measure(m.name, AvatarRenderer(m, fps=FPS), piece.audio, piece.mouth) for m in portraits(args.portraits)]
+    for name, data in clips:
+        start = time.process_time()
+        *_, clip = make_clip(data, FPS, limits=ClipLimits())
+        print(f"{name}: {clip.frames / FPS:.1f} s clip made into a video avatar in {time.process_time() - start:.1f} s of CPU")
+        results.append(measure(name, ClipRenderer(clip, fps=FPS), piece.audio, piece.mouth))
     print(f"machine: {machine()}; {piece.frames} frames of speech per portrait, 512×512, render + encode on 1 core")
     print(f"{'portrait':<16}{'tracked':>8}{'lipsync r':>10}{'lag':>5}{'open':>6}{'textured':>9}{'teeth':>7}"
           f"{'tongue':>7}{'seam p50':>9}{'p95':>6}{'blink':>7}{'fps':>7}")

@@ -13,7 +13,7 @@ from avatarchat.engines.avatar.clip import AvatarClip, ClipError, ClipLimits, Cl
 from avatarchat.engines.avatar.face import AvatarModel
 from avatarchat.engines.avatar.library import AvatarLibrary
 from avatarchat.pipeline.media import Timeline
-from tests.support.clips import talking_clip
+from tests.support.faces import talking_clip
 from tests.support.speech import _piper
 
 LIMITS = ClipLimits(min_s=5.0, max_s=20.0, loop_s=3.0)
@@ -84,6 +84,13 @@ def test_speech_drives_the_clips_own_mouths_in_sync_and_without_a_seam(renderer:
     assert seams and np.median(seams) < 1.5, seams
 
 
+def test_a_phone_clip_stored_on_its_side_is_turned_upright() -> None:
+    portrait, landmarks, clip = make_clip(talking_clip(6.0, rotated=True), limits=LIMITS)
+    assert clip.frames == 150
+    assert landmarks[152][1] > landmarks[10][1] + 200  # chin well below forehead: upright
+    assert abs(landmarks[152][0] - landmarks[10][0]) < 40
+
+
 def test_a_video_avatar_is_saved_loaded_and_rendered_by_the_library(made: tuple[np.ndarray, np.ndarray, AvatarClip], tmp_path: Path) -> None:
     portrait, landmarks, clip = made
     AvatarModel("talker", portrait, landmarks, clip).save(tmp_path / "talker")
@@ -119,3 +126,37 @@ def test_bad_clips_are_refused_with_a_reason(kind: str, limits: ClipLimits, stat
     with pytest.raises(ClipError) as e:
         make_clip(data, limits=limits)
     assert e.value.status == status and words in str(e.value), str(e.value)
+
+
+async def test_a_clip_uploaded_through_the_api_is_an_avatar_a_session_talks_with(live_app) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    from tests.test_server import decode_media, open_client
+
+    data = talking_clip(10.5)
+    r = httpx.post(live_app.http + "/api/avatar/add", data={"name": "talker"}, files={"file": ("talk.mp4", data)}, timeout=120)
+    assert r.status_code == 201, r.text
+    assert r.json()["video"] is True and r.json()["width"] == 512
+    listed = {a["name"]: a for a in httpx.get(live_app.http + "/api/avatar/list").json()["avatars"]}
+    assert listed["talker"]["video"] is True and listed["default"]["video"] is False
+    assert httpx.get(live_app.http + "/api/avatar/preview", params={"name": "talker"}).status_code == 200
+    short = httpx.post(live_app.http + "/api/avatar/add", data={"name": "short"},
+                       files={"file": ("short.mp4", talking_clip(3.0))}, timeout=120)
+    assert short.status_code == 422 and "10–60 s" in short.json()["detail"]
+    try:
+        c = await open_client(live_app, "?avatar=talker")
+        await c.send(type="user_text", text="Hello! Who are you?")
+        done, _ = await c.until("turn_done", timeout=120)
+        await c.ws.close()
+        assert done["reason"] == "complete"
+        frames, video_s, audio_s, codec = decode_media(bytes(c.media[done["turn_id"]]))
+        assert codec == "h264" and frames > 10 and abs(video_s - audio_s) <= 0.040
+    finally:
+        import asyncio
+
+        for _ in range(50):  # the session closes asynchronously
+            if httpx.post(live_app.http + "/api/avatar/delete", json={"name": "talker"}).status_code != 409:
+                break
+            await asyncio.sleep(0.05)
+    names = [a["name"] for a in httpx.get(live_app.http + "/api/avatar/list").json()["avatars"]]
+    assert "talker" not in names and "short" not in names

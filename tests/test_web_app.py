@@ -66,6 +66,10 @@ def test_web_app_end_to_end_in_chromium(built: None, live_app: LiveApp, tmp_path
     portrait, noface = tmp_path / "astronaut.png", tmp_path / "noise.png"
     cv2.imwrite(str(portrait), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
     cv2.imwrite(str(noface), np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8))
+    from tests.support.faces import talking_clip
+
+    clip = tmp_path / "talk.mp4"
+    clip.write_bytes(talking_clip(10.5))
     ARTIFACTS.mkdir(exist_ok=True)
     r = _node(
         ["node", "e2e/run.mjs"],
@@ -77,6 +81,7 @@ def test_web_app_end_to_end_in_chromium(built: None, live_app: LiveApp, tmp_path
             "E2E_Q2": Q2,
             "E2E_PORTRAIT": str(portrait),
             "E2E_NOFACE": str(noface),
+            "E2E_CLIP": str(clip),
             "E2E_ARTIFACTS": str(ARTIFACTS),
         },
         timeout=660,

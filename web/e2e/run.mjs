@@ -212,6 +212,19 @@ const tests = {
     await page.click(`[data-avatar=${astro}] [data-testid=delete]`);
     await page.click(".ant-popconfirm:not(.ant-popover-hidden) .ant-btn-primary");
     await page.waitForFunction((n) => !document.querySelector(`[data-avatar=${n}]`), astro, { timeout: 10_000 });
+    // A video avatar: a clip of a person talking becomes an avatar, marked as a video.
+    if (process.env.E2E_CLIP) {
+      await page.setInputFiles("[data-testid=upload-file]", process.env.E2E_CLIP);
+      const talker = `talker${Date.now() % 100000}`;
+      await page.fill("input[data-testid=upload-name]", talker);
+      await page.click("[data-testid=upload]");
+      await page.waitForSelector("[data-testid=upload-ok]", { timeout: 120_000 });
+      await page.waitForSelector(`[data-avatar=${talker}] [data-testid=video-tag]`, { timeout: 10_000 });
+      await shot(page, "avatars-video");
+      await page.click(`[data-avatar=${talker}] [data-testid=delete]`);
+      await page.click(".ant-popconfirm:not(.ant-popover-hidden) .ant-btn-primary");
+      await page.waitForFunction((n) => !document.querySelector(`[data-avatar=${n}]`), talker, { timeout: 10_000 });
+    }
     // The choice is saved in the browser.
     const saved = await page.evaluate(() => JSON.parse(localStorage.getItem("avatarchat.settings.v1")));
     assert.equal(saved.avatar, "default");

@@ -56,7 +56,7 @@ describe("i18n", () => {
     expect(banner.text()).toContain("why"); // the server's message is kept
     await list.vm.$nextTick();
     expect(list.text()).toContain("打个招呼");
-    expect(checkUpload("me", null)).toBe("请选择一张人像图片。");
+    expect(checkUpload("me", null)).toBe("请选择一张人像图片或一段视频。");
     expect(localStorage.getItem(LOCALE_KEY)).toBe("zh-CN");
     expect(document.documentElement.lang).toBe("zh-CN");
     setLocale("en");

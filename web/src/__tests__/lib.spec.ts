@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { describeError, micFrame, parseMedia, wsUrl } from "../lib/protocol";
-import { checkUpload, MAX_UPLOAD_BYTES } from "../lib/api";
+import { checkUpload, MAX_UPLOAD_BYTES, MAX_VIDEO_BYTES } from "../lib/api";
 import { DEFAULTS, loadSettings, STORAGE_KEY } from "../stores/settings";
 import { HISTORY, errorsOption, latencyOption, median, pushPoint } from "../lib/monitor";
 import type { MonitorData, TurnSample } from "../lib/api";
@@ -49,6 +49,13 @@ describe("upload checks", () => {
     expect(checkUpload("me", { ...png, size: 0 })).toMatch(/empty/);
     expect(checkUpload("../x", png)).toMatch(/name/);
     expect(checkUpload("me", null)).toMatch(/Choose/);
+  });
+  it("takes a video within its own, larger limit", () => {
+    const mp4 = { name: "talk.mp4", type: "video/mp4", size: 20 * 2 ** 20 };
+    expect(checkUpload("me", mp4)).toBeNull();
+    expect(checkUpload("me", { ...mp4, type: "" })).toBeNull(); // known by its extension
+    expect(checkUpload("me", { ...mp4, size: MAX_VIDEO_BYTES + 1 })).toMatch(/the limit is 64 MB/);
+    expect(checkUpload("me", { name: "talk.avi", type: "", size: 10 })).toMatch(/not an image or a video/);
   });
 });
 

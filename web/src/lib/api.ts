@@ -4,11 +4,14 @@ import { t } from "../i18n";
 export interface AvatarInfo {
   name: string;
   builtin?: boolean;
+  video?: boolean; // made from a video clip
   [key: string]: unknown;
 }
 
 export const MAX_UPLOAD_BYTES = 10 * 1024 * 1024; // the server's default avatar.max_upload_bytes
+export const MAX_VIDEO_BYTES = 64 * 1024 * 1024; // the server's default avatar.clip.max_bytes
 const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"];
+const VIDEO_TYPES = ["video/mp4", "video/webm", "video/quicktime", "video/x-m4v"];
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 
 export class ApiError extends Error {
@@ -21,11 +24,14 @@ export class ApiError extends Error {
 }
 
 /** Client-side checks before an upload; the server checks again and its 4xx message is shown as is. */
-export function checkUpload(name: string, file: { name: string; type: string; size: number } | null, maxBytes = MAX_UPLOAD_BYTES): string | null {
+export function checkUpload(name: string, file: { name: string; type: string; size: number } | null, maxBytes = MAX_UPLOAD_BYTES,
+  maxVideoBytes = MAX_VIDEO_BYTES): string | null {
   if (!NAME_RE.test(name)) return t("avatars.badName");
   if (!file) return t("avatars.noFile");
   const looksImage = IMAGE_TYPES.includes(file.type) || (!file.type && /\.(png|jpe?g|webp)$/i.test(file.name));
-  if (!looksImage) return t("avatars.notImage", { file: file.name });
+  const looksVideo = VIDEO_TYPES.includes(file.type) || (!file.type && /\.(mp4|m4v|webm|mov)$/i.test(file.name));
+  if (!looksImage && !looksVideo) return t("avatars.notImage", { file: file.name });
+  if (looksVideo) maxBytes = maxVideoBytes;
   if (file.size > maxBytes) return t("avatars.tooBig", { file: file.name, mb: (file.size / 2 ** 20).toFixed(1), limit: (maxBytes / 2 ** 20).toFixed(0) });
   if (file.size === 0) return t("avatars.empty", { file: file.name });
   return null;

@@ -135,6 +135,8 @@ def _frames(data: bytes, fps: int, limits: ClipLimits) -> Iterator[np.ndarray]:
                 if t > limits.max_s + 0.5:
                     raise ClipError(422, f"the video is longer than {limits.max_s:g} s")
                 held = frame.to_ndarray(format="rgb24")
+                if turn := round((frame.rotation or 0) / 90) % 4:  # a phone's portrait clip: stored on its side
+                    held = np.ascontiguousarray(np.rot90(held, turn))
             if held is not None:
                 yield held
         except ClipError:
@@ -226,7 +228,7 @@ def make_clip(data: bytes, fps: int = 25, size: int = 512, limits: ClipLimits | 
 class ClipRenderer:
     """A video avatar's frames (see the module's docstring). Thread-safe; decoded frames are cached."""
 
-    def __init__(self, clip: AvatarClip, fps: int = 25, cache_frames: int = 48) -> None:
+    def __init__(self, clip: AvatarClip, fps: int = 25, cache_frames: int = 24) -> None:
         if fps != clip.fps:
             raise ValueError(f"the clip was made at {clip.fps} fps, the stream runs at {fps}")
         self.clip = clip

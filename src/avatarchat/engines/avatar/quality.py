@@ -4,7 +4,9 @@ mesh run on the output, not by the renderer's own idea of what it drew.
 - ``lip_sync``: the correlation between the speech's loudness and the mouth opening seen in the frames.
 - ``seam``: the image gradient along the border of what a frame changed, over the source photo's there.
 - ``interior``: whether an open mouth shows teeth or tongue rather than a flat dark hole.
-- ``eye_openness``: lid gap over eye width, to see that a blink closes the lids.
+- ``eye_openness``: lid gap over eye width as MediaPipe sees it (its eye model leans towards open eyes, the
+  more so in dark, low-contrast photos), and ``lid_cover``: how much of the open eye's area a frame shows
+  as skin, to see that a blink closes the lids.
 
 Blocking and slow (MediaPipe: ~5 ms a frame): for benchmarks and tests, never the live path.
 """
@@ -59,6 +61,32 @@ def mouth_opening(lm: np.ndarray) -> float:
 def eye_openness(lm: np.ndarray) -> float:
     """Mean over both eyes of the lid gap over the eye's width."""
     return float(np.mean([np.linalg.norm(lm[a] - lm[b]) / np.linalg.norm(lm[c] - lm[d]) for a, b, c, d in EYE_LIDS]))
+
+
+EYE_RINGS = ([33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7],
+             [263, 466, 388, 387, 386, 385, 384, 398, 362, 382, 381, 380, 374, 373, 390, 249])
+
+
+def lid_cover(frame: np.ndarray, lm: np.ndarray, tolerance: float = 0.25) -> float:
+    """The share of the open eyes' area (``lm``: landmarks of the face with open eyes; the lid margins left
+    out) whose colour in ``frame`` is within ``tolerance`` (relative) of the skin around the eyes: low for
+    open eyes (white, iris), near 1 for closed lids."""
+    h, w = frame.shape[:2]
+    shares = []
+    for ring in EYE_RINGS:
+        pts = np.round(lm[ring]).astype(np.int32)
+        eye = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(eye, [pts], 1)
+        size = max(3, int(0.6 * (lm[ring][:, 1].max() - lm[ring][:, 1].min())))
+        around = cv2.dilate(eye, np.ones((2 * size + 1, 2 * size + 1), np.uint8)) - cv2.dilate(eye, np.ones((size, size), np.uint8))
+        ring_px = frame[around > 0].astype(np.float32)
+        y = ring_px @ LUMA
+        skin = np.median(ring_px[y >= np.median(y)], axis=0)  # skin, not lashes, brows or a frame of glasses
+        inside = frame[cv2.erode(eye, np.ones((5, 5), np.uint8)) > 0].astype(np.float32)
+        if not len(inside):
+            continue
+        shares.append(float((np.linalg.norm(inside - skin, axis=1) < tolerance * np.linalg.norm(skin)).mean()))
+    return float(np.mean(shares)) if shares else 0.0
 
 
 def loudness(audio: np.ndarray, rate: int, fps: int, frames: int) -> np.ndarray:

@@ -237,12 +237,18 @@ class AvatarRenderer:
         cv2.fillPoly(lips, [outer], 1)
         cv2.fillPoly(lips, [inner], 0)
         lip = np.median(self._image[lips > 0], axis=0).astype(np.float32) if lips.any() else TONGUE
-        cheeks = np.concatenate([self._patch_at(lm[k], 0.04 * self._face_h) for k in (50, 280)])
-        skin = np.median(cheeks, axis=0)
-        light = float(np.clip(skin @ np.array([0.299, 0.587, 0.114]) / 175.0, 0.55, 1.1))
-        # Teeth take the photo's white balance: a warm photo has ivory teeth, not grey-blue ones.
-        tint = 0.6 + 0.4 * skin / max(float(skin.max()), 1.0)
-        teeth = tint * min(240.0, 1.3 * float(skin @ np.array([0.299, 0.587, 0.114]))) / float(tint @ [0.299, 0.587, 0.114])
+        # The photo's exposure from the whites of the eyes, which are near white whatever the skin's tone (teeth
+        # are about as bright); without them (small or hidden eyes), from its brightest things (a collar, a wall).
+        luma = np.array([0.299, 0.587, 0.114], np.float32)
+        sclera = self._sclera(lm)
+        if sclera is not None:
+            teeth = np.minimum(sclera * 0.95, 240.0)
+        else:
+            px = self._image.reshape(-1, 3).astype(np.float32)
+            y = px @ luma
+            white = px[y >= np.percentile(y, 98)].mean(axis=0)
+            teeth = np.minimum(white * 0.82 * np.array([1.0, 0.93, 0.8], np.float32), 240.0)  # ivory, in shade
+        light = float(np.clip(teeth @ luma / 200.0, 0.4, 1.15))
         if shows_teeth:  # the portrait's own teeth
             gap = np.zeros((h, w), np.uint8)
             cv2.fillPoly(gap, [inner], 1)
@@ -251,9 +257,27 @@ class AvatarRenderer:
             if len(bright):
                 teeth = np.median(bright, axis=0)
         self._lip_rgb = lip
-        self._throat_rgb = lip * 0.42
-        self._tongue_rgb = 0.5 * lip + 0.5 * TONGUE * light
+        self._throat_rgb = lip * np.array([0.5, 0.26, 0.28], np.float32)  # deep red, in the photo's light
+        self._tongue_rgb = 0.25 * lip + 0.75 * TONGUE * light  # pink whatever the lips: mostly the light
         self._teeth_rgb = teeth.astype(np.float32)
+
+    def _sclera(self, lm: np.ndarray) -> np.ndarray | None:
+        """The colour of the whites of the eyes (the brighter part of each eye outside its iris), if enough shows."""
+        if len(lm) < 478:
+            return None
+        h, w = self._image.shape[:2]
+        mask = np.zeros((h, w), np.uint8)
+        for ((c0, c1), upper, lower), iris in zip(EYES, (468, 473)):
+            cv2.fillPoly(mask, [np.round(lm[[c0, *upper, c1, *lower[::-1]]]).astype(np.int32)], 1)
+            radius = float(np.mean(np.linalg.norm(lm[iris + 1 : iris + 5] - lm[iris], axis=1)))
+            cv2.circle(mask, tuple(int(v) for v in np.round(lm[iris])), int(np.ceil(1.15 * radius)), 0, -1)
+        px = self._image[mask > 0].astype(np.float32)
+        if len(px) < 12:
+            return None
+        y = px @ np.array([0.299, 0.587, 0.114], np.float32)
+        white = np.median(px[y >= np.percentile(y, 60)], axis=0)
+        # Not white at all (lids or lashes, squinting behind tinted glasses): no evidence.
+        return white if float(white.max() - white.min()) < 0.35 * max(float(white.max()), 1.0) else None
 
     def _patch_at(self, point: np.ndarray, radius: float) -> np.ndarray:
         x, y, r = int(point[0]), int(point[1]), max(2, int(radius))
@@ -299,7 +323,9 @@ class AvatarRenderer:
             # carried over the eye. Stretching the real strip above the lashes would smear lashes into streaks.
             p = rect.padded(PAD)
             patch = self._image[max(0, p.y0) : p.y1, max(0, p.x0) : p.x1].astype(np.float32)
-            band = (v > top - 1.5 * height) & (v < top - 0.5 * height) & (np.abs(u) < 1.1 * ew)
+            # Skin above the lashes and below the lower lid: the lid takes a blend of the two, smooth across it.
+            band = (((v > top - 1.5 * height) & (v < top - 0.5 * height))
+                    | ((v > bottom + 0.5 * height) & (v < bottom + 1.3 * height))) & (np.abs(u) < 1.1 * ew)
             band = band[-patch.shape[0] :, -patch.shape[1] :]
             lum = patch.sum(axis=2)
             if band.any():  # skin, not the lashes or the crease that reach into the band
@@ -327,7 +353,7 @@ class AvatarRenderer:
         the lashes would smear them into streaks. Every edge is a smooth function of the distance to the lid's
         margin, so it is anti-aliased at any position."""
         v, top, h = eye.v, eye.top, np.maximum(eye.h, 2.0)
-        margin = top + blink * 0.92 * h  # the lid's edge now; closed, it meets just above the lower lid
+        margin = top + blink * 1.02 * h  # the lid's edge now; closed, it meets the lower lid
         strength = min(1.0, 4 * blink)
         lid = _smoothstep(-0.6, -0.15, (v - top) / h) * (1 - _smoothstep(-0.6, 0.6, v - margin))
         cover = (lid * eye.lens * strength).astype(np.float32)
@@ -455,7 +481,7 @@ class AvatarRenderer:
         colour += (self._tongue_rgb * tone[..., None] - colour) * cover[..., None]
         # Lower teeth, in the upper lip's shadow, once the jaw has dropped far enough to show them.
         low_h = min(0.04 * width, 0.2 * float(tall.max())) * np.clip(1 - (un / 0.7) ** 2, 0, 1) ** 0.5
-        colour = self._teeth(colour, bottom, low_h, un, LOWER_TEETH, 0.8, gaps=0.12)
+        colour = self._teeth(colour, bottom, low_h, un, LOWER_TEETH, 0.9, gaps=0.12)
         if self._draw_teeth:  # upper teeth, hanging from under the upper lip (the skull's; they do not move)
             up_h = 0.11 * width * (1 - 0.45 * un * un)
             colour = self._teeth(colour, top, up_h, un, UPPER_TEETH, 1.0, gaps=0.2)

@@ -1,5 +1,6 @@
-"""Video clips of a talking person, for video avatars: no public-domain talking-head video can be installed
-here, so a portrait is made to talk by the landmark-warp renderer (real speech drives its mouth; its blinks
+"""Test faces: the public-domain portraits (docs/models.md), a darker-skinned variant, and video clips of a
+talking person for video avatars. No public-domain talking-head video can be installed here, so a
+portrait is made to talk by the landmark-warp renderer (real speech drives its mouth; its blinks
 and head motion are the renderer's), then encoded as H.264 in MP4 like a phone's clip, off-centre in a
 wider frame so that the upload has to find and frame the face."""
 
@@ -13,7 +14,7 @@ import av
 import cv2
 import numpy as np
 
-from avatarchat.engines.avatar.face import create_avatar
+from avatarchat.engines.avatar.face import create_avatar, detect_landmarks
 from avatarchat.engines.avatar.renderer import AvatarRenderer
 from avatarchat.pipeline.media import Timeline
 from tests.support.speech import _piper
@@ -27,6 +28,32 @@ def portrait(name: str = "grace_hopper.jpg") -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(PORTRAITS / name)), cv2.COLOR_BGR2RGB)
 
 
+# MediaPipe face-mesh contours: the face's outline, each eye, the lips' inner edge.
+OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 149,
+        150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
+EYES = [[33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7],
+        [263, 466, 388, 387, 386, 385, 384, 398, 362, 382, 381, 380, 374, 373, 390, 249]]
+INNER_LIPS = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95]
+
+
+def darker_skin(image: np.ndarray, lightness: float = 0.42) -> np.ndarray:
+    """The same face with much darker skin (and neck and ears' tone near the face), eyes and teeth as they
+    were: a stand-in for a dark-skinned sitter, since no such public-domain photo is installable. In Lab:
+    lightness scaled, a little more red and yellow, blended through the feathered face outline."""
+    lm = detect_landmarks(image)
+    h, w = image.shape[:2]
+    mask = np.zeros((h, w), np.float32)
+    cv2.fillPoly(mask, [np.round(lm[OVAL]).astype(np.int32)], 1.0)
+    mask = cv2.dilate(mask, np.ones((25, 25), np.uint8))
+    for part in (*EYES, INNER_LIPS):
+        cv2.fillPoly(mask, [np.round(lm[part]).astype(np.int32)], 0.0)
+    mask = cv2.GaussianBlur(mask, (0, 0), 4)[..., None]
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
+    dark = lab * [lightness, 1.0, 1.0] + [0, 6, 10]
+    out = lab * (1 - mask) + dark * mask
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
 @functools.cache
 def _talk(n: int) -> np.ndarray:
     piece = Timeline(25, 22050).prepare(_piper().synthesize(TALK * 3))
@@ -36,9 +63,10 @@ def _talk(n: int) -> np.ndarray:
 
 
 def talking_clip(seconds: float, *, faces: int = 1, talk: bool = True, fps: int = 25, size: tuple[int, int] = (640, 480),
-                 image: np.ndarray | None = None) -> bytes:
+                 image: np.ndarray | None = None, rotated: bool = False) -> bytes:
     """MP4 bytes: ``faces`` copies of a talking portrait side by side (quiet for its first 2 s), or with ``talk``
-    False a face whose mouth never moves; ``faces=0``: noise, no face at all."""
+    False a face whose mouth never moves; ``faces=0``: noise, no face at all. ``rotated``: stored on its side
+    with a display rotation, as a phone stores a portrait clip."""
     renderer = AvatarRenderer(create_avatar(portrait() if image is None else image, "clip", size=size[1]))
     n = round(seconds * fps)
     rows = _talk(n).copy() if talk else np.zeros((n, 3), np.float32)
@@ -48,8 +76,11 @@ def talking_clip(seconds: float, *, faces: int = 1, talk: bool = True, fps: int 
     rng = np.random.default_rng(0)
     with av.open(out, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.width, stream.height = (h, w) if rotated else (w, h)
+        stream.pix_fmt = "yuv420p"
         stream.options = {"preset": "ultrafast", "crf": "20"}
+        if rotated:
+            stream.set_display_rotation(90)  # shown turned a quarter counter-clockwise: upright
         for k in range(n):
             canvas = np.full((h, w, 3), 90, np.uint8)
             if faces == 0:
@@ -62,6 +93,8 @@ def talking_clip(seconds: float, *, faces: int = 1, talk: bool = True, fps: int 
                     half = cv2.resize(face, (w // faces, w // faces))
                     for i in range(faces):
                         canvas[(h - w // faces) // 2 : (h - w // faces) // 2 + w // faces, i * (w // faces) : (i + 1) * (w // faces)] = half
+            if rotated:
+                canvas = np.ascontiguousarray(np.rot90(canvas, -1))
             for packet in stream.encode(av.VideoFrame.from_ndarray(canvas, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
