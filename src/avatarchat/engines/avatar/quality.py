@@ -3,7 +3,7 @@ mesh run on the output, not by the renderer's own idea of what it drew.
 
 - ``lip_sync``: the correlation between the speech's loudness and the mouth opening seen in the frames.
 - ``seam``: the image gradient along the border of what a frame changed, over the source photo's there.
-- ``interior``: whether an open mouth shows teeth or tongue rather than a flat dark hole.
+- ``interior``: whether an open mouth shows teeth and tongue rather than a flat dark hole.
 - ``eye_openness``: lid gap over eye width as MediaPipe sees it (its eye model leans towards open eyes, the
   more so in dark, low-contrast photos), and ``lid_cover``: how much of the open eye's area a frame shows
   as skin, to see that a blink closes the lids.
@@ -146,8 +146,8 @@ class Interior:
 
     @property
     def textured(self) -> bool:
-        """Teeth or tongue, not a flat dark hole."""
-        return self.teeth + self.tongue >= 0.12 and self.spread >= 10.0
+        """Teeth and tongue, each over at least 15 % of the area, not a flat dark hole (or one shaded red)."""
+        return self.teeth >= 0.15 and self.tongue >= 0.15 and self.spread >= 10.0
 
 
 def interior(frame: np.ndarray, lm: np.ndarray) -> Interior:
@@ -160,19 +160,14 @@ def interior(frame: np.ndarray, lm: np.ndarray) -> Interior:
     px = frame[mask > 0].astype(np.float32)
     if len(px) < 10:
         return Interior(len(px), 0.0, 0.0, 0.0)
-    # The face's light: the cheeks' luma, so a dim photo is judged by its own standard.
-    cheeks = np.concatenate([_patch(frame, lm[k], 0.04 * np.linalg.norm(lm[CHIN] - lm[FOREHEAD])) for k in (50, 280)])
-    skin = float(np.median(cheeks @ LUMA))
+    # The photo's light: its bright things (a collar, a wall, the eyes), so that neither a dim photo nor dark
+    # skin changes what counts as a tooth.
+    light = float(np.percentile(frame.reshape(-1, 3).astype(np.float32) @ LUMA, 95))
     y = px @ LUMA
     top, bottom = px.max(axis=1), px.min(axis=1)
-    teeth = (y >= 0.62 * skin) & (top - bottom < 0.4 * np.maximum(top, 1))
-    tongue = (px[:, 0] > 1.3 * px[:, 1]) & (y >= 0.3 * skin) & ~teeth
+    teeth = (y >= 0.5 * light) & (top - bottom < 0.4 * np.maximum(top, 1))
+    tongue = (px[:, 0] > 1.3 * px[:, 1]) & (y >= 0.25 * light) & ~teeth
     return Interior(len(px), float(teeth.mean()), float(tongue.mean()), float(y.std()))
-
-
-def _patch(image: np.ndarray, point: np.ndarray, radius: float) -> np.ndarray:
-    x, y, r = int(point[0]), int(point[1]), max(2, int(radius))
-    return image[max(0, y - r) : y + r, max(0, x - r) : x + r].reshape(-1, 3).astype(np.float32)
 
 
 def track(frames: Iterable[np.ndarray]) -> list[np.ndarray | None]:

@@ -223,10 +223,25 @@ class AvatarRenderer:
         self._draw_teeth = not shows_teeth
         self._mouth_width = 2 * mw
         self._palette(lm, shows_teeth)
+        # What of the inside depends only on the place across the mouth, computed once.
+        un = self._gap_u
+        self._side = (1 - un * un).astype(np.float32)
+        self._tongue_side = (np.sqrt(self._side) * 0.55).astype(np.float32), (1 - 0.35 * un * un).astype(np.float32)
+        self._upper_teeth = self._tooth_row(UPPER_TEETH, 0.2, 0.11 * self._mouth_width * (1 - 0.45 * un * un))
+        self._lower_teeth = self._tooth_row(LOWER_TEETH, 0.12, np.clip(1 - (un / 0.7) ** 2, 0, 1) ** 0.5)
         # Fine grain, so the interior is never a flat fill (fixed per avatar: it does not flicker).
         grain = np.random.default_rng(int(abs(lm[13]).sum() * 100) % 2**32).normal(0, 1, u.shape).astype(np.float32)
         grain = cv2.GaussianBlur(grain, (0, 0), 0.8)
         self._grain = (grain / (grain.std() + 1e-6) * 0.035).astype(np.float32)
+
+    def _tooth_row(self, edges: np.ndarray, gaps: float, height: np.ndarray) -> tuple[np.ndarray, ...]:
+        """A row of teeth across the mouth: each pixel's height (px, or a share for the lower row), its
+        rounded tips, and its shade: darker towards the corners and in the gaps between teeth."""
+        un = self._gap_u
+        dist = np.min(np.abs(np.abs(un)[..., None] - edges[1:]), axis=-1) * (0.5 * self._mouth_width)
+        tips = 1 - 0.12 * np.exp(-((dist / 1.5) ** 2))
+        shade = (1 - 0.4 * un * un) * (1 - gaps * np.exp(-((dist / 0.6) ** 2)))
+        return height.astype(np.float32), tips.astype(np.float32), shade.astype(np.float32)
 
     def _palette(self, lm: np.ndarray, shows_teeth: bool) -> None:
         """Colours of the mouth's inside, matched to the portrait: from its lips, and its light on the skin."""
@@ -462,53 +477,50 @@ class AvatarRenderer:
         rows = np.flatnonzero(alpha.max(axis=1) > 0)
         if not len(rows):
             return
-        r0, r1 = rows[0], rows[-1] + 1
-        rs = (slice(f_sl[0].start + r0, f_sl[0].start + r1), f_sl[1])
-        a = alpha[r0:r1, :, None]
-        un = self._gap_u[rs]
-        side = 1 - un * un
+        cols = np.flatnonzero(alpha.max(axis=0) > 0)
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, max(0, cols[0] - 3), cols[-1] + 4  # the gap, and its shadow's room
+        ys, xs = f_sl[0].start + r0, f_sl[1].start + c0
+        rs = (slice(ys, ys + r1 - r0), slice(xs, xs + min(c1, alpha.shape[1]) - c0))
+        a = alpha[r0:r1, c0:c1, None]
+        side = self._side[rs]
         tall = np.maximum(opening * self._gap_full[rs], 1.0)  # the gap's height in this column, px
         top = self._gap_v[rs] + opening * self._rise_full[rs]  # px below the upper lip's inner edge
         bottom = tall - top  # px above the lower lip's inner edge
-        width = self._mouth_width
         # The back of the mouth: darkest deep in the middle of the gap.
-        deep = np.sin(np.pi * np.clip(top / tall, 0, 1)) * side
+        deep = np.sin(np.float32(np.pi) * np.clip(top / tall, 0, 1)) * side
         colour = self._throat_rgb * (1.1 - 0.4 * deep)[..., None]
         # The tongue: a dome rising from behind the lower teeth, lighter at its tip than at its back.
-        dome = 0.55 * tall * np.sqrt(side)
+        dome = self._tongue_side[0][rs] * tall
         cover = np.clip((dome - bottom) / 1.2, 0, 1) * np.clip(tall / 4 - 0.5, 0, 1)
-        tone = (0.6 + 0.4 * np.clip(1 - bottom / np.maximum(dome, 1.0), 0, 1)) * (1 - 0.35 * un * un)
+        tone = (0.6 + 0.4 * np.clip(1 - bottom / np.maximum(dome, 1.0), 0, 1)) * self._tongue_side[1][rs]
         colour += (self._tongue_rgb * tone[..., None] - colour) * cover[..., None]
         # Lower teeth, in the upper lip's shadow, once the jaw has dropped far enough to show them.
-        low_h = min(0.04 * width, 0.2 * float(tall.max())) * np.clip(1 - (un / 0.7) ** 2, 0, 1) ** 0.5
-        colour = self._teeth(colour, bottom, low_h, un, LOWER_TEETH, 0.9, gaps=0.12)
+        low = min(0.04 * self._mouth_width, 0.2 * float(tall.max()))
+        self._teeth(colour, bottom, low, self._lower_teeth, rs, 0.9)
         if self._draw_teeth:  # upper teeth, hanging from under the upper lip (the skull's; they do not move)
-            up_h = 0.11 * width * (1 - 0.45 * un * un)
-            colour = self._teeth(colour, top, up_h, un, UPPER_TEETH, 1.0, gaps=0.2)
+            self._teeth(colour, top, 1.0, self._upper_teeth, rs, 1.0)
         # The lips' moist inner edge, and the grain.
         rim = np.exp(-((top / 1.3) ** 2)) + np.exp(-((bottom / 1.3) ** 2))
         colour += (self._lip_rgb * 0.75 - colour) * (0.35 * np.clip(rim, 0, 1))[..., None]
         colour *= (1 + self._grain[rs])[..., None]
-        block = region[r0:r1].astype(np.float32)
+        block = region[r0:r1, c0:c1].astype(np.float32)
         # A soft shadow just outside the gap makes the lips' inner edge read as depth.
-        near_gap = self._open_depth[f_sl][r0:r1] * opening > 1.0
-        shadow = (np.clip((depth[r0:r1] + 3.0) / 3.0, 0.0, 1.0) * near_gap)[..., None] * 0.18
+        near_gap = self._open_depth[f_sl][r0:r1, c0:c1] * opening > 1.0
+        shadow = (np.clip((depth[r0:r1, c0:c1] + 3.0) / 3.0, 0.0, 1.0) * near_gap)[..., None] * 0.18
         block *= 1 - shadow
         block += (colour - block) * a
-        region[r0:r1] = np.clip(block, 0, 255).astype(np.uint8)
+        region[r0:r1, c0:c1] = np.clip(block, 0, 255).astype(np.uint8)
 
-    def _teeth(self, colour: np.ndarray, along: np.ndarray, height: np.ndarray | float, un: np.ndarray,
-               edges: np.ndarray, light: float, gaps: float) -> np.ndarray:
-        """A row of teeth ``height`` px tall from a lip edge (``along``: px from it), with rounded tips, the
-        gaps between them, and darker towards the corners of the mouth and right under the lip."""
-        dist = np.min(np.abs(np.abs(un)[..., None] - edges[1:]), axis=-1) * (0.5 * self._mouth_width)
-        tips = height * (1 - 0.12 * np.exp(-((dist / 1.5) ** 2)))
-        cover = np.clip((tips - along) / 1.0, 0, 1) * np.clip(np.asarray(height) - 1.0, 0, 1)
+    def _teeth(self, colour: np.ndarray, along: np.ndarray, scale: float, row: tuple[np.ndarray, ...],
+               rs: tuple[slice, slice], light: float) -> None:
+        """Draw a row of teeth (``_tooth_row``, heights times ``scale``) ``along`` px from its lip edge, a
+        little darker right under the lip."""
+        height = row[0][rs] * scale
+        cover = np.clip(height * row[1][rs] - along, 0, 1) * np.clip(height - 1.0, 0, 1)
         if not cover.any():
-            return colour
-        shade = light * (1 - 0.4 * un * un) * (0.8 + 0.2 * np.clip(along / 2.0, 0, 1))
-        shade = shade * (1 - gaps * np.exp(-((dist / 0.6) ** 2)))
-        return colour + (self._teeth_rgb * shade[..., None] - colour) * cover[..., None]
+            return
+        shade = light * row[2][rs] * (0.8 + 0.2 * np.clip(along / 2.0, 0, 1))
+        colour += (self._teeth_rgb * shade[..., None] - colour) * cover[..., None]
 
     def idle_frames(self) -> Iterator[np.ndarray]:
         rest = np.zeros(3, np.float32)
