@@ -141,10 +141,10 @@ def sheets(results: list[dict[str, object]], folder: Path) -> None:
         e = lm[[33, 263]].mean(axis=0) * s * 2
         both = [cv2.resize(f, None, fx=s * 2, fy=s * 2, interpolation=cv2.INTER_AREA) for f in (wide, blink)]
         eyes.append(np.hstack([crop(f, e, 110, 36, 1) for f in both]))
-    for name, rows in (("mouths.png", mouths), ("blinks.png", eyes)):
+    for name, rows in (("mouths.jpg", mouths), ("blinks.jpg", eyes)):
         width = max(r.shape[1] for r in rows)
         rows = [cv2.copyMakeBorder(r, 0, 4, 0, width - r.shape[1], cv2.BORDER_CONSTANT, value=(255, 255, 255)) for r in rows]
-        cv2.imwrite(str(folder / name), cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(folder / name), cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 def main() -> None:
@@ -179,7 +179,7 @@ def main() -> None:
               f"{f('fps_one_core', '.0f'):>7}")
     if args.sheets:
         sheets(results, args.sheets)
-        print(f"contact sheets: {args.sheets}/mouths.png, {args.sheets}/blinks.png")
+        print(f"contact sheets: {args.sheets}/mouths.jpg, {args.sheets}/blinks.jpg")
     dump("face", {"machine": machine(), "portraits": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]})
 
 

@@ -146,8 +146,9 @@ class Interior:
 
     @property
     def textured(self) -> bool:
-        """Teeth and tongue, each over at least 15 % of the area, not a flat dark hole (or one shaded red)."""
-        return self.teeth >= 0.15 and self.tongue >= 0.15 and self.spread >= 10.0
+        """Teeth (at least 15 % of the area) and, with the tongue, most of it: not a flat dark hole, or one
+        shaded red."""
+        return self.teeth >= 0.15 and self.teeth + self.tongue >= 0.4 and self.spread >= 10.0
 
 
 def interior(frame: np.ndarray, lm: np.ndarray) -> Interior:
@@ -160,13 +161,15 @@ def interior(frame: np.ndarray, lm: np.ndarray) -> Interior:
     px = frame[mask > 0].astype(np.float32)
     if len(px) < 10:
         return Interior(len(px), 0.0, 0.0, 0.0)
-    # The photo's light: its bright things (a collar, a wall, the eyes), so that neither a dim photo nor dark
-    # skin changes what counts as a tooth.
-    light = float(np.percentile(frame.reshape(-1, 3).astype(np.float32) @ LUMA, 95))
+    # Judged against the lips around the opening, so that neither the photo's light, the skin's tone nor a
+    # webcam's warm cast changes what counts as a tooth: brighter than the lips and no more colourful.
+    ring = cv2.dilate(mask, np.ones((7, 7), np.uint8)) - cv2.dilate(mask, np.ones((3, 3), np.uint8))
+    lips = np.median(frame[ring > 0].astype(np.float32), axis=0)
+    lip_y, lip_sat = float(lips @ LUMA), float((lips.max() - lips.min()) / max(float(lips.max()), 1.0))
     y = px @ LUMA
-    top, bottom = px.max(axis=1), px.min(axis=1)
-    teeth = (y >= 0.5 * light) & (top - bottom < 0.4 * np.maximum(top, 1))
-    tongue = (px[:, 0] > 1.3 * px[:, 1]) & (y >= 0.25 * light) & ~teeth
+    sat = (px.max(axis=1) - px.min(axis=1)) / np.maximum(px.max(axis=1), 1.0)
+    teeth = (y >= 1.1 * lip_y) & (sat <= max(lip_sat, 0.2))
+    tongue = (px[:, 0] > 1.3 * px[:, 1]) & (y >= 0.55 * lip_y) & ~teeth
     return Interior(len(px), float(teeth.mean()), float(tongue.mean()), float(y.std()))
 
 
