@@ -94,7 +94,7 @@ def test_upload_through_the_gateway_is_stored_by_the_avatar_service(gateway: Liv
                      timeout=60)
     assert dup.status_code == 409
     bad = httpx.post(g + "/api/avatar/add", data={"name": "junk"}, files={"file": ("a.png", b"not an image")})
-    assert bad.status_code == 400 and "avatar service" in bad.json()["detail"]
+    assert bad.status_code == 415 and "avatar service" in bad.json()["detail"]  # neither an image nor a video
     assert httpx.post(g + "/api/avatar/delete", json={"name": "astro"}).json() == {"deleted": "astro"}
     assert not (Path(avatar_app.settings.avatar.dir) / "astro").exists()
     assert httpx.post(g + "/api/avatar/delete", json={"name": "astro"}).status_code == 404
