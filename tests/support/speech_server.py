@@ -84,7 +84,8 @@ class SpeechTestServer(OpenAITestServer):
     speech: SpeechBehaviour = field(default_factory=SpeechBehaviour)
     audio_requests: list[dict[str, Any]] = field(default_factory=list)
     sent_audio: list[np.ndarray] = field(default_factory=list)  # what /audio/speech spoke, at its own rate
-    disconnects: int = 0  # audio streams the client closed before their end
+    disconnects: int = 0  # audio streams the client closed before their end, and transcriptions it gave up on
+    asr_disconnects: int = 0  # of those, transcriptions (a speech stream of an earlier test may notice its late)
 
     def _app(self) -> Starlette:
         app = super()._app()
@@ -140,6 +141,7 @@ class SpeechTestServer(OpenAITestServer):
                     message = {}
                 if message.get("type") == "http.disconnect":
                     self.disconnects += 1
+                    self.asr_disconnects += 1
                     return Response(status_code=499)
             if (error := refused(b)) is not None:
                 return error
