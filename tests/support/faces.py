@@ -15,7 +15,8 @@ import cv2
 import numpy as np
 
 from avatarchat.engines.avatar.face import create_avatar, detect_landmarks
-from avatarchat.engines.avatar.renderer import AvatarRenderer
+from avatarchat.engines.avatar.quality import EYE_RINGS
+from avatarchat.engines.avatar.renderer import INNER_LOWER, INNER_UPPER, AvatarRenderer
 from avatarchat.pipeline.media import Timeline
 from tests.support.speech import _piper
 
@@ -28,12 +29,10 @@ def portrait(name: str = "grace_hopper.jpg") -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(PORTRAITS / name)), cv2.COLOR_BGR2RGB)
 
 
-# MediaPipe face-mesh contours: the face's outline, each eye, the lips' inner edge.
+# The face's outline (MediaPipe face mesh), and the lips' inner edge as a closed outline.
 OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 149,
         150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
-EYES = [[33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7],
-        [263, 466, 388, 387, 386, 385, 384, 398, 362, 382, 381, 380, 374, 373, 390, 249]]
-INNER_LIPS = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95]
+INNER_LIPS = INNER_UPPER + INNER_LOWER[-2:0:-1]
 
 
 def darker_skin(image: np.ndarray, lightness: float = 0.42) -> np.ndarray:
@@ -45,7 +44,7 @@ def darker_skin(image: np.ndarray, lightness: float = 0.42) -> np.ndarray:
     mask = np.zeros((h, w), np.float32)
     cv2.fillPoly(mask, [np.round(lm[OVAL]).astype(np.int32)], 1.0)
     mask = cv2.dilate(mask, np.ones((25, 25), np.uint8))
-    for part in (*EYES, INNER_LIPS):
+    for part in (*EYE_RINGS, INNER_LIPS):
         cv2.fillPoly(mask, [np.round(lm[part]).astype(np.int32)], 0.0)
     mask = cv2.GaussianBlur(mask, (0, 0), 4)[..., None]
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)

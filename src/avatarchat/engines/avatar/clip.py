@@ -25,12 +25,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from avatarchat.engines.avatar.quality import EYE_LIDS
+
 # Face-mesh indices: the skull (eyes, nose, forehead) for alignment; the lower face and jaw for the mask.
 RIGID = [33, 133, 263, 362, 168, 6, 197, 195, 5, 4, 1, 98, 327, 10, 109, 338, 151]
 LOWER = [93, 132, 58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288, 361, 323, 98, 327, 2, 205, 425]
 UPPER_LIP, LOWER_LIP, MOUTH_LEFT, MOUTH_RIGHT = 13, 14, 61, 291
 EYE_OUTER, CHIN, FOREHEAD, NOSE_TIP = (33, 263), 152, 10, 1
-EYE_LIDS = ((159, 145, 33, 133), (386, 374, 263, 362))
 CLIP_FILE = "clip.npz"
 
 

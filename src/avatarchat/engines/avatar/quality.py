@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from avatarchat.engines.avatar.renderer import INNER_LOWER, INNER_UPPER
+from avatarchat.engines.avatar.renderer import EYES, INNER_LOWER, INNER_UPPER
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 UPPER_LIP, LOWER_LIP, CHIN, FOREHEAD = 13, 14, 152, 10
@@ -63,8 +63,8 @@ def eye_openness(lm: np.ndarray) -> float:
     return float(np.mean([np.linalg.norm(lm[a] - lm[b]) / np.linalg.norm(lm[c] - lm[d]) for a, b, c, d in EYE_LIDS]))
 
 
-EYE_RINGS = ([33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7],
-             [263, 466, 388, 387, 386, 385, 384, 398, 362, 382, 381, 380, 374, 373, 390, 249])
+# Each eye's outline: a corner, the upper lid, the other corner, the lower lid back.
+EYE_RINGS = tuple([c0, *upper, c1, *lower[::-1]] for (c0, c1), upper, lower in EYES)
 
 
 def lid_cover(frame: np.ndarray, lm: np.ndarray, tolerance: float = 0.25) -> float:
