@@ -160,3 +160,25 @@ async def test_a_clip_uploaded_through_the_api_is_an_avatar_a_session_talks_with
             await asyncio.sleep(0.05)
     names = [a["name"] for a in httpx.get(live_app.http + "/api/avatar/list").json()["avatars"]]
     assert "talker" not in names and "short" not in names
+
+
+def test_the_store_holds_each_kind_to_its_own_size_limit(tmp_path: Path, clip_bytes: bytes) -> None:
+    import cv2
+    from skimage import data
+
+    from avatarchat.services.avatar_store import AvatarStore, AvatarStoreError
+
+    png = cv2.imencode(".png", data.astronaut())[1].tobytes()
+    big = len(png) + len(clip_bytes)
+    for name, upload, image_limit, clip_limit, words in (
+        ("big-video", clip_bytes, big, len(clip_bytes) - 1, "the video is"),  # under the image limit, over its own
+        ("big-image", png, len(png) - 1, big, "the image is"),
+    ):
+        store = AvatarStore(tmp_path / name, max_upload_bytes=image_limit, max_pixels=40_000_000, clip=LIMITS,
+                            max_clip_bytes=clip_limit)
+        assert store.max_upload_bytes == big  # the larger of the two: what the API lets through to the store
+        with pytest.raises(AvatarStoreError) as e:
+            store.add(name, upload)
+        assert e.value.status == 413 and words in str(e.value), str(e.value)
+        assert [a.name for a in store.list()] == ["default"]
+        store.close()
