@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -162,6 +163,14 @@ async def run(base: str, pid: int, n: int, mode: str, stagger_s: float, offset: 
             "upload_s": upload_s}
 
 
+def busy_by_kind(base: str) -> dict[str, float]:
+    """The server's CPU-slot seconds so far, by kind of unit (render, tts, llm, asr...), from /metrics."""
+    text = httpx.get(f"http://{base}/metrics", timeout=10).text
+    found = re.findall(r'^avatarchat_cpu_busy_seconds_total\{kind="([^"]+)"\} ([0-9.e+-]+)$', text, re.M)
+    frames = re.search(r"^avatarchat_frames_total ([0-9.e+-]+)$", text, re.M)
+    return {**{kind: float(value) for kind, value in found}, "frames": float(frames.group(1)) if frames else 0.0}
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 6, 8])
@@ -207,6 +216,7 @@ async def main() -> None:
                 for n in args.sessions:
                     rows: list[dict[str, Any]] = []
                     cpu, rss, uploaded = [], [], []
+                    busy_before = busy_by_kind(base)
                     for r in range(args.rounds):
                         res = await run(base, proc.pid, n, mode, args.stagger_s, offset=r * n,
                                         uploads=args.uploads, upload_data=upload_data)
@@ -216,6 +226,7 @@ async def main() -> None:
                         rss.append(res["rss_peak_mb"])
                         await asyncio.sleep(1.0)
                     mon = httpx.get(f"http://{base}/api/monitor", params={"turns": 1}, timeout=10).json()
+                    busy = {k: v - busy_before.get(k, 0.0) for k, v in busy_by_kind(base).items()}
                     fv = [s["first_video_ms"] for s in rows if s.get("first_video_ms") is not None]
                     stalls = sum(s.get("stalls", 0) for s in rows)
                     stalled_sessions = sum(1 for s in rows if s.get("stalls", 0))
@@ -232,6 +243,7 @@ async def main() -> None:
                                         "capacity_sessions": mon.get("capacity_sessions"),
                                         "cost_per_speech_s": mon.get("cost_per_speech_s"),
                                         "degrade_level": mon.get("degrade_level"),
+                                        "slot_seconds": {k: round(v, 2) for k, v in busy.items() if v > 0.005},
                                         "stall_detail": [(round(s.get("first_video_ms") or 0), s["stall_at"])
                                                          for s in rows if s.get("stall_at")]}
                     print(f"{mode:9} N={n}: first video p50 {st.get('p50', float('nan')):6.0f} ms  "
@@ -242,6 +254,10 @@ async def main() -> None:
                           f"capacity {mon.get('capacity_sessions')} (cost {mon.get('cost_per_speech_s')})  "
                           f"degraded {mon.get('degrade_level')}"
                           + (f"  uploads {len(uploaded)} took up to {max(uploaded):.1f} s" if uploaded else ""), flush=True)
+                    video_s = max(busy.pop("frames", 0.0) / 25, 1e-9)  # the bench's streams run at 25 fps
+                    print(f"          slot-seconds per second of video ({video_s:.0f} s), by kind: " + ", ".join(
+                        f"{k} {v / video_s:.3f}" for k, v in sorted(busy.items(), key=lambda kv: -kv[1]) if v > 0.005),
+                        flush=True)
     if upstream is not None:
         upstream.stop()
     dump(args.name or f"capacity_{args.llm}" + ("_voice" if args.voice else "")

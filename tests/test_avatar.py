@@ -175,3 +175,56 @@ def test_stress_marks_take_the_next_vowel() -> None:
     timings = (PhonemeTiming("ˈ", 0.0, 0.3), PhonemeTiming("a", 0.3, 0.6))
     track = mouth_track(Speech(audio, sr, timings), 25, 15)
     assert track[3, OPEN] > 0.5
+
+
+def test_cached_idle_frames_give_the_same_frames_for_less_work(model: AvatarModel) -> None:
+    """With the idle frames cached, a speaking frame warps only the mouth's region (and shades only where the
+    inside can show): the frames are the same, pixel for pixel, over blinks, head motion and every kind of
+    mouth, and the cache stays within its budget."""
+    from avatarchat.engines.avatar.frame_cache import FrameCache
+
+    plain = AvatarRenderer(model)
+    plain._gap_box = None  # and the mouth's inside shaded over the whole mouth region, not just where it can show
+    budget = 40 * model.image.nbytes
+    cache = FrameCache(budget)
+    cached = AvatarRenderer(model, cache=cache)
+    assert cached._mouth_alone
+    rng = np.random.default_rng(3)
+    rows = [np.zeros(3, np.float32), np.array([0.9, 0.0, 0.0], np.float32), np.array([0.0, -0.6, 0.0], np.float32),
+            np.array([0.05, 0.0, 0.7], np.float32)]
+    blinking = [k for k in range(plain.idle_period_frames) if plain.idle_state(k)[3] > 0]
+    frames = [*blinking[:4], 3, 77, 150, 199, 200 + blinking[0], 1234]
+    for k in frames:
+        for row in [*rows, rng.uniform([0, -0.6, 0], [1, 0.7, 0.7]).astype(np.float32)]:
+            want = plain.render(k, row)
+            assert np.array_equal(cached.render(k, row), want), (k, row)
+            out = np.zeros_like(want)
+            assert cached.render(k, row, out=out) is out and np.array_equal(out, want)
+    assert 0 < cache.bytes <= budget and len(cache) == len({k % 200 for k in frames})
+    # Writing into a returned frame does not change what the cache holds.
+    frame = cached.render(3, rows[0])
+    frame[:] = 0
+    assert np.array_equal(cached.render(3, rows[0]), plain.render(3, rows[0]))
+    # Past the budget the least recently used frames go, and come back rendered the same.
+    for k in range(100):
+        cached.render(k, rows[1])
+    assert cache.bytes <= budget and len(cache) == 40
+    assert np.array_equal(cached.render(frames[0], rows[1]), plain.render(frames[0], rows[1]))
+
+
+def test_frame_cache_is_bounded_and_keeps_read_only_copies() -> None:
+    from avatarchat.engines.avatar.frame_cache import FrameCache
+
+    cache = FrameCache(3 * 1000)
+    frames = [np.full(1000, k, np.uint8) for k in range(5)]
+    for k, f in enumerate(frames):
+        kept = cache.put(("a", k), f)
+        assert not kept.flags.writeable and np.array_equal(kept, f)
+    assert len(cache) == 3 and cache.bytes == 3000
+    assert cache.get(("a", 0)) is None and cache.get(("a", 1)) is None
+    assert cache.get(("a", 2)) is not None  # now the most recently used
+    cache.put(("a", 5), frames[0])
+    assert cache.get(("a", 3)) is None and cache.get(("a", 2)) is not None
+    # A frame over the budget is not kept.
+    big = np.zeros(4000, np.uint8)
+    assert cache.put(("a", 9), big) is big and cache.get(("a", 9)) is None and cache.bytes == 3000

@@ -1,6 +1,7 @@
 import gc
 import shutil
 import sys
+import threading
 import tracemalloc
 
 import numpy as np
@@ -91,3 +92,48 @@ def test_espeak_speaks(voice: str, text: str) -> None:
 def test_espeak_missing_binary() -> None:
     with pytest.raises(TTSError, match="not found"):
         EspeakEngine(EspeakConfig(binary="no-such-espeak")).load()
+
+
+class _Recording:
+    """An onnxruntime session that records its runs, and makes two runs meet before either goes on."""
+
+    def __init__(self, session: object, name: str, used: list[str], meet: threading.Barrier | None) -> None:
+        self._session, self._name, self._used, self._meet = session, name, used, meet
+
+    def run(self, *args: object, **kwargs: object) -> object:
+        self._used.append(self._name)
+        if self._meet is not None:
+            self._meet.wait()  # both syntheses are inside the voice model at once, or this times out
+        return self._session.run(*args, **kwargs)  # type: ignore[attr-defined]
+
+
+def test_piper_synthesizes_in_parallel_with_one_thread_each_beside_other_work(piper: PiperEngine) -> None:
+    """Only espeak-ng's phonemizing is one text at a time: two pieces run the voice model at the same time, and
+    inside the CPU scheduler, beside other work, with the voice's one-thread session."""
+    from avatarchat.pipeline.scheduler import CpuScheduler
+
+    assert piper._voice is not None and piper._single is not None
+    voice, single = piper._voice.session, piper._single
+    used: list[str] = []
+    meet = threading.Barrier(2, timeout=10)
+    piper._voice.session = _Recording(voice, "all", used, meet)
+    piper._single = _Recording(single, "single", used, meet)
+    cpu = CpuScheduler(3)
+    release = threading.Event()
+    cpu.submit(release.wait, 30, kind="render")  # other live work, all along
+    try:
+        texts = ["The sea is wide and deep today.", "Ask me anything you like."]
+        futures = [cpu.submit(piper.synthesize, t, kind="tts") for t in texts]
+        speeches = [f.result(timeout=30) for f in futures]
+        assert used == ["single", "single"]  # each beside the other: contended
+        for speech, text in zip(speeches, texts):
+            assert speech.text == text and speech.duration > 1.0 and speech.phonemes
+        # Alone, outside the scheduler: the session with every thread.
+        used.clear()
+        piper._voice.session = _Recording(voice, "all", used, None)
+        piper._single = _Recording(single, "single", used, None)
+        assert piper.synthesize("Hello.").duration > 0.2 and used == ["all"]
+    finally:
+        piper._voice.session, piper._single = voice, single
+        release.set()
+        cpu.close()

@@ -371,6 +371,11 @@ class AvatarConfig(BaseModel):
         """The largest avatar upload of either kind (portrait or video clip)."""
         return max(self.max_upload_bytes, self.clip.max_bytes if self.clip.enabled else 0)
 
+    idle_cache_mb: int = Field(
+        256, ge=0, description="Rendered idle frames (head motion, blinks) kept for all sessions, so a speaking frame "
+        "warps only the mouth's region: a third of the rendering CPU. A portrait's 8 s loop at 512x512 is 157 MB; "
+        "beyond the budget the least recently used frames are dropped and rendered again. 0: off.",
+    )
     max_cached_renderers: int = Field(
         8, ge=1, description="Avatar renderers kept in memory (~7 MB each), the least recently used dropped first; "
         "the default avatar's and those in use (sessions, render streams) are always kept.",

@@ -20,6 +20,8 @@ STAGE_SECONDS = Histogram(
 )
 RENDER_FPS = Gauge("avatarchat_render_fps", "Frames rendered and encoded per second, last batch.", registry=REGISTRY)
 FRAMES = Counter("avatarchat_frames_total", "Video frames rendered and encoded.", registry=REGISTRY)
+IDLE_CACHE = Counter("avatarchat_idle_frame_cache_total", "Look-ups of cached idle frames, by result (hit, miss).",
+                     ["result"], registry=REGISTRY)
 MEDIA_BYTES = Counter("avatarchat_media_bytes_total", "fMP4 bytes sent to clients.", registry=REGISTRY)
 ACTIVE_SESSIONS = Gauge("avatarchat_active_sessions", "Open WebSocket sessions.", registry=REGISTRY)
 SESSIONS_REFUSED = Counter(

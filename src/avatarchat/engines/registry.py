@@ -12,6 +12,7 @@ from avatarchat.config import Settings
 from avatarchat.engines.asr.base import ASREngine
 from avatarchat.engines.asr.queue import ASRQueue
 from avatarchat.engines.avatar.library import AvatarLibrary, RendererFactory
+from avatarchat.engines.avatar.frame_cache import FrameCache
 from avatarchat.engines.llm.base import LLMEngine
 from avatarchat.engines.tts.base import RemoteTTSEngine, TTSEngine
 from avatarchat.engines.vad.base import VADEngine
@@ -106,7 +107,9 @@ def _wav2lip(s: Settings) -> RendererFactory | None:
 
 def avatar_library(s: Settings) -> AvatarLibrary:
     """The avatars, each rendered by the engine ``avatar.engine`` names."""
-    return AvatarLibrary(s.avatar.dir, s.avatar.fps, s.avatar.max_cached_renderers, AVATAR_ENGINES[s.avatar.engine](s))
+    cache = FrameCache(s.avatar.idle_cache_mb * 2**20) if s.avatar.idle_cache_mb else None
+    return AvatarLibrary(s.avatar.dir, s.avatar.fps, s.avatar.max_cached_renderers, AVATAR_ENGINES[s.avatar.engine](s),
+                         frame_cache=cache)
 
 
 LLM_ENGINES: dict[str, Callable[[Settings, CpuScheduler | None], LLMEngine]] = {"llama_cpp": _llama_cpp, "openai": _openai, "router": _router}

@@ -61,6 +61,16 @@ class Deadline:
 current: contextvars.ContextVar[Callable[[], float] | None] = contextvars.ContextVar("deadline", default=None)
 
 
+_unit = threading.local()  # .scheduler: the scheduler whose unit this thread is running
+
+
+def contended() -> bool:
+    """Inside a unit of live work: is other work running or waiting beside it? (An engine then computes with
+    one thread, leaving the other core to that work.) False outside the scheduler's units."""
+    cpu = getattr(_unit, "scheduler", None)
+    return cpu is not None and cpu.contended()
+
+
 class _Job:
     __slots__ = ("fn", "args", "future", "deadline", "kind", "submitted")
 
@@ -218,6 +228,7 @@ class CpuScheduler:
 
     def _execute(self, job: _Job) -> None:
         started = time.perf_counter()
+        _unit.scheduler = self
         try:
             result = job.fn(*job.args)
         except BaseException as e:  # handed to the caller
@@ -225,6 +236,7 @@ class CpuScheduler:
         else:
             job.future.set_result(result)
         finally:
+            _unit.scheduler = None
             done = time.perf_counter()
             late = job.deadline != LATER and done > job.deadline + self.late_grace_s
             with self._cond:

@@ -12,6 +12,7 @@ import numpy as np
 
 from avatarchat.engines.avatar.base import AvatarRendererProtocol
 from avatarchat.engines.avatar.face import AvatarModel, default_avatar_dir
+from avatarchat.engines.avatar.frame_cache import FrameCache
 from avatarchat.engines.avatar.renderer import AvatarRenderer
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -23,13 +24,14 @@ def valid_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
-def portrait_or_clip(model: AvatarModel, fps: int) -> AvatarRendererProtocol:
-    """The warp engine's renderer: a video avatar's clip renderer, or the portrait's landmark warp."""
+def portrait_or_clip(model: AvatarModel, fps: int, cache: FrameCache | None = None) -> AvatarRendererProtocol:
+    """The warp engine's renderer: a video avatar's clip renderer, or the portrait's landmark warp (its idle
+    frames kept in ``cache``)."""
     if model.clip is not None:
         from avatarchat.engines.avatar.clip import ClipRenderer
 
         return ClipRenderer(model.clip, fps=fps)
-    return AvatarRenderer(model, fps=fps)
+    return AvatarRenderer(model, fps=fps, cache=cache)
 
 
 class UnknownAvatarError(KeyError):
@@ -41,11 +43,12 @@ RendererFactory = Callable[[AvatarModel], AvatarRendererProtocol]
 
 class AvatarLibrary:
     def __init__(self, extra_dir: str | Path | None, fps: int, max_renderers: int = 8,
-                 factory: RendererFactory | None = None) -> None:
-        """``factory`` makes an avatar's renderer (engines/registry.py's AVATAR_ENGINES); default: the warp renderer."""
+                 factory: RendererFactory | None = None, frame_cache: FrameCache | None = None) -> None:
+        """``factory`` makes an avatar's renderer (engines/registry.py's AVATAR_ENGINES); default: the warp renderer,
+        keeping idle frames in ``frame_cache``."""
         self._extra = Path(extra_dir) if extra_dir else None
         self._fps = fps
-        self._factory: RendererFactory = factory or (lambda model: portrait_or_clip(model, fps))
+        self._factory: RendererFactory = factory or (lambda model: portrait_or_clip(model, fps, frame_cache))
         self._renderers: OrderedDict[str, AvatarRendererProtocol] = OrderedDict()  # least recently used first
         self._max = max_renderers
         self._lock = threading.Lock()

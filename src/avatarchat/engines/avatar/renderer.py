@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from avatarchat.engines.avatar.face import AvatarModel
+from avatarchat.engines.avatar.frame_cache import FrameCache, owner_id
 
 # MediaPipe face-mesh indices.
 MOUTH_LEFT, MOUTH_RIGHT = 61, 291
@@ -111,10 +112,13 @@ def _curve(frame: _Frame, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class AvatarRenderer:
-    def __init__(self, model: AvatarModel, fps: int = 25, idle_period_frames: int = 200) -> None:
+    def __init__(self, model: AvatarModel, fps: int = 25, idle_period_frames: int = 200,
+                 cache: FrameCache | None = None) -> None:
         self.model = model
         self.fps = fps
         self.idle_period_frames = idle_period_frames
+        self._cache = cache
+        self._owner = owner_id()
         img = np.ascontiguousarray(model.image)
         self._image = img
         h, w = img.shape[:2]
@@ -124,6 +128,10 @@ class AvatarRenderer:
         self._build_mouth(lm)
         self._build_eyes(lm)
         self._build_idle()
+        # A cached idle frame is reused around the mouth only if no lid is drawn in the mouth's region.
+        m = self._mouth_rect
+        self._mouth_alone = not any(e.rect.y0 < m.y1 and m.y0 < e.rect.y1 and e.rect.x0 < m.x1 and m.x0 < e.rect.x1
+                                    for e in self._eyes)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -229,6 +237,10 @@ class AvatarRenderer:
         self._tongue_side = (np.sqrt(self._side) * 0.55).astype(np.float32), (1 - 0.35 * un * un).astype(np.float32)
         self._upper_teeth = self._tooth_row(UPPER_TEETH, 0.2, 0.11 * self._mouth_width * (1 - 0.45 * un * un))
         self._lower_teeth = self._tooth_row(LOWER_TEETH, 0.12, np.clip(1 - (un / 0.7) ** 2, 0, 1) ** 0.5)
+        # Where an opening up to 1 can show the inside at all (with room for the gap's shadow): the rest of
+        # the mouth's region is never shaded, so it is not computed per frame.
+        ys, xs = np.nonzero(self._open_depth - self._split_dist > -0.7)
+        self._gap_box = (int(ys.min()) - 1, int(ys.max()) + 2, int(xs.min()) - 6, int(xs.max()) + 7) if len(ys) else None
         # Fine grain, so the interior is never a flat fill (fixed per avatar: it does not flicker).
         grain = np.random.default_rng(int(abs(lm[13]).sum() * 100) % 2**32).normal(0, 1, u.shape).astype(np.float32)
         grain = cv2.GaussianBlur(grain, (0, 0), 0.8)
@@ -416,16 +428,60 @@ class AvatarRenderer:
 
     def render(self, frame_index: int, mouth: np.ndarray | Sequence[float], out: np.ndarray | None = None) -> np.ndarray:
         opening, wide, press = (float(x) for x in mouth[:3])
+        if self._cache is None or not self._mouth_alone:
+            return self._render(frame_index, opening, wide, press, out)
+        # The idle frame (head motion, blinks) from the cache, and only the mouth's region warped anew.
+        key = (self._owner, frame_index % self.idle_period_frames)
+        idle = self._cache.get(key)
+        if idle is None:
+            idle = self._cache.put(key, self._render(frame_index, 0.0, 0.0, 0.0, None))
+        if out is None:
+            out = idle.copy()
+        else:
+            out[...] = idle
+        if opening or wide or press:
+            r = self._mouth_rect
+            out[r.y0 : r.y1, r.x0 : r.x1] = self._mouth(frame_index, opening, wide, press, r.within(self._roi))
+        return out
+
+    def _render(self, frame_index: int, opening: float, wide: float, press: float, out: np.ndarray | None) -> np.ndarray:
+        """The whole head region warped: idle motion, lids and mouth."""
         tx, ty, roll, blink = self.idle_state(frame_index)
-        mx = cv2.scaleAdd(self._hw, tx, self._gx)
-        mx = cv2.scaleAdd(self._hy, -roll, mx)
-        my = cv2.scaleAdd(self._hw, ty, self._gy)
-        my = cv2.scaleAdd(self._hx, roll, my)
+        roi = self._mouth(frame_index, opening, wide, press, (slice(None), slice(None)))
+        if blink > 0:
+            ox, oy = self.mouth_shift(frame_index)
+            for eye in self._eyes:
+                rect = eye.rect
+                e_sl = rect.within(self._roi)
+                ef = (slice(PAD - oy, PAD - oy + rect.y1 - rect.y0), slice(PAD - ox, PAD - ox + rect.x1 - rect.x0))
+                cover, lash, shadow = (a[ef] for a in self._lid(eye, blink))
+                region = roi[e_sl].astype(np.float32)
+                region *= (1 - 0.3 * shadow)[..., None]
+                region += (eye.skin[ef] - region) * cover[..., None]
+                region += (eye.lash - region) * (0.8 * lash)[..., None]
+                roi[e_sl] = region.astype(np.uint8)
+        if out is None:
+            out = self._image.copy()
+        else:
+            out[...] = self._image
+        r = self._roi
+        out[r.y0 : r.y1, r.x0 : r.x1] = roi
+        return out
+
+    def _mouth(self, frame_index: int, opening: float, wide: float, press: float, sl: tuple[slice, slice]) -> np.ndarray:
+        """The part ``sl`` of the head region (ROI coordinates; the whole of it, or the mouth's rect) warped by
+        the head's idle motion and the mouth's coefficients, with the mouth's inside shaded."""
+        tx, ty, roll, _ = self.idle_state(frame_index)
+        mx = cv2.scaleAdd(self._hw[sl], tx, self._gx[sl])
+        mx = cv2.scaleAdd(self._hy[sl], -roll, mx)
+        my = cv2.scaleAdd(self._hw[sl], ty, self._gy[sl])
+        my = cv2.scaleAdd(self._hx[sl], roll, my)
         # The head moves the features: shift their fields by the head's motion at the mouth (whole px).
         ox, oy = self.mouth_shift(frame_index)
-
         mrect = self._mouth_rect
         m_sl = mrect.within(self._roi)
+        if sl[0].start is not None:  # the mouth's rect itself
+            m_sl = (slice(None), slice(None))
         f_sl = (slice(PAD - oy, PAD - oy + mrect.y1 - mrect.y0), slice(PAD - ox, PAD - ox + mrect.x1 - mrect.x0))
         if opening or wide or press:
             sub_x, sub_y = mx[m_sl], my[m_sl]
@@ -437,15 +493,6 @@ class AvatarRenderer:
                 if coef:
                     sub_x -= coef * fx[f_sl]
                     sub_y -= coef * fy[f_sl]
-        lids = []
-        if blink > 0:
-            for eye in self._eyes:
-                rect = eye.rect
-                e_sl = rect.within(self._roi)
-                ef = (slice(PAD - oy, PAD - oy + rect.y1 - rect.y0), slice(PAD - ox, PAD - ox + rect.x1 - rect.x0))
-                cover, lash, shadow = self._lid(eye, blink)
-                lids.append((e_sl, cover[ef], lash[ef], shadow[ef], eye.skin[ef], eye.lash))
-
         roi = cv2.remap(self._image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         if opening > 0.01:
             self._shade_mouth(roi[m_sl], opening, press, f_sl)
@@ -455,22 +502,17 @@ class AvatarRenderer:
                 region = roi[m_sl].astype(np.float32)
                 region *= (1 - 0.3 * closed * self._lip_line[f_sl])[..., None]
                 roi[m_sl] = region.astype(np.uint8)
-        for e_sl, cover, lash, shadow, skin, lash_rgb in lids:
-            region = roi[e_sl].astype(np.float32)
-            region *= (1 - 0.3 * shadow)[..., None]
-            region += (skin - region) * cover[..., None]
-            region += (lash_rgb - region) * (0.8 * lash)[..., None]
-            roi[e_sl] = region.astype(np.uint8)
-
-        if out is None:
-            out = self._image.copy()
-        else:
-            out[...] = self._image
-        r = self._roi
-        out[r.y0 : r.y1, r.x0 : r.x1] = roi
-        return out
+        return roi
 
     def _shade_mouth(self, region: np.ndarray, opening: float, press: float, f_sl: tuple[slice, slice]) -> None:
+        if self._gap_box is not None and opening <= 1.0:
+            y0, y1, x0, x1 = self._gap_box
+            ys, xs = f_sl
+            y0, y1, x0, x1 = max(y0, ys.start), min(y1, ys.stop), max(x0, xs.start), min(x1, xs.stop)
+            if y0 >= y1 or x0 >= x1:
+                return
+            region = region[y0 - ys.start : y1 - ys.start, x0 - xs.start : x1 - xs.start]
+            f_sl = (slice(y0, y1), slice(x0, x1))
         depth = opening * self._open_depth[f_sl] - press * self._press_depth[f_sl] - self._split_dist[f_sl]
         # Anti-aliased edge, and nothing where the opening moves a pixel by under a pixel (off the lips).
         alpha = np.clip((depth + 0.7) / 1.4, 0.0, 1.0) * np.clip(opening * self._open_depth[f_sl], 0.0, 1.0)

@@ -84,6 +84,7 @@ class Fmp4Stream:
         self._pending = np.zeros(0, np.float32)  # audio not yet a whole AAC frame
         self._closed = False
         self._last_rgb: np.ndarray | None = None  # repeated at close() to cover the AAC tail
+        self._last_yuv: np.ndarray | None = None
 
     def start(self) -> None:
         """Open the encoders and write the init segment now rather than at the first frame, so a stream
@@ -112,10 +113,13 @@ class Fmp4Stream:
             self._pending = self._pending[whole:]
 
     def add_frame(self, rgb: np.ndarray) -> None:
-        """Append one RGB frame (H, W, 3) uint8."""
-        # OpenCV's SIMD RGB→I420 is several times faster than swscale's path inside PyAV.
+        """Append one RGB frame (H, W, 3) uint8. The stream keeps a reference: do not change it afterwards."""
+        # OpenCV's SIMD RGB→I420 is several times faster than swscale's path inside PyAV. The same image
+        # again (a face held for two frames under load) is not converted again.
+        if rgb is not self._last_rgb or self._last_yuv is None:
+            self._last_yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
         self._last_rgb = rgb
-        yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+        yuv = self._last_yuv
         frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self._frames
         frame.time_base = Fraction(1, self.fps)
