@@ -140,6 +140,8 @@ async def run(base: str, pid: int, n: int, mode: str, stagger_s: float, offset: 
               uploads: int = 0, upload_data: bytes = b"") -> dict[str, Any]:
     proc = psutil.Process(pid)
     proc.cpu_percent(None)
+    me = psutil.Process()  # the clients (and the loopback LLM): load on the same cores that a deployment has not
+    me.cpu_percent(None)
     start = time.perf_counter() + 0.5
     results: list[dict[str, Any]] = [{} for _ in range(n)]
     rss_peak = 0.0
@@ -160,7 +162,7 @@ async def run(base: str, pid: int, n: int, mode: str, stagger_s: float, offset: 
     upload_s = await up if up is not None else []
     sampler.cancel()
     return {"sessions": results, "cpu_cores": proc.cpu_percent(None) / 100, "wall_s": wall, "rss_peak_mb": rss_peak,
-            "upload_s": upload_s}
+            "upload_s": upload_s, "client_cores": me.cpu_percent(None) / 100}
 
 
 def busy_by_kind(base: str) -> dict[str, float]:
@@ -215,7 +217,7 @@ async def main() -> None:
             for mode in modes:
                 for n in args.sessions:
                     rows: list[dict[str, Any]] = []
-                    cpu, rss, uploaded = [], [], []
+                    cpu, rss, uploaded, client = [], [], [], []
                     busy_before = busy_by_kind(base)
                     for r in range(args.rounds):
                         res = await run(base, proc.pid, n, mode, args.stagger_s, offset=r * n,
@@ -223,6 +225,7 @@ async def main() -> None:
                         rows += res["sessions"]
                         uploaded += res["upload_s"]
                         cpu.append(res["cpu_cores"])
+                        client.append(res["client_cores"])
                         rss.append(res["rss_peak_mb"])
                         await asyncio.sleep(1.0)
                     mon = httpx.get(f"http://{base}/api/monitor", params={"turns": 1}, timeout=10).json()
@@ -238,6 +241,7 @@ async def main() -> None:
                                         "stalled_sessions": stalled_sessions, "samples": len(rows), "errors": errors,
                                         "refused": len(refused), "refused_ms_max": max(refused) if refused else None,
                                         "cpu_cores_mean": sum(cpu) / len(cpu), "rss_peak_mb": max(rss),
+                                        "client_cores_mean": sum(client) / len(client),
                                         "stall_ms": sum(s.get("stall_ms", 0.0) for s in rows),
                                         "upload_s": uploaded,
                                         "capacity_sessions": mon.get("capacity_sessions"),
@@ -250,7 +254,8 @@ async def main() -> None:
                           f"p95 {st.get('p95', float('nan')):6.0f} ms  max {max(fv) if fv else float('nan'):6.0f} ms  "
                           f"stalls {stalls} in {stalled_sessions}/{len(rows)} sessions  errors {len(errors)}  "
                           + (f"server_busy {len(refused)} (≤ {max(refused):.0f} ms)  " if refused else "") +
-                          f"server CPU {sum(cpu) / len(cpu):.2f} cores  RSS {max(rss):.0f} MB  "
+                          f"server CPU {sum(cpu) / len(cpu):.2f} cores (bench clients {sum(client) / len(client):.2f})  "
+                          f"RSS {max(rss):.0f} MB  "
                           f"capacity {mon.get('capacity_sessions')} (cost {mon.get('cost_per_speech_s')})  "
                           f"degraded {mon.get('degrade_level')}"
                           + (f"  uploads {len(uploaded)} took up to {max(uploaded):.1f} s" if uploaded else ""), flush=True)

@@ -52,6 +52,23 @@ def test_live_cost_follows_the_work_the_scheduler_ran(cpu: CpuScheduler) -> None
     assert capacity.cost == pytest.approx(0.7 * 0.2 + 0.3 * 0.15, rel=0.15)
 
 
+def test_rendering_is_costed_per_second_of_video_and_the_rest_per_second_of_speech(cpu: CpuScheduler) -> None:
+    """Speech is synthesized pieces ahead of the video, which renders at playback pace: each cost is divided by
+    what it produced, so a window that synthesized much and rendered little does not read as cheap."""
+    capacity = Capacity(SessionConfig(max_sessions=16, target_utilization=1.0, capacity_window_s=4.0), cpu)
+    cpu.submit(time.sleep, 0.2, kind="tts").result()  # 0.2 slot-s of TTS for 4 s of speech: 0.05
+    cpu.submit(time.sleep, 0.1, kind="render").result()  # 0.1 slot-s of rendering for 1 s of video: 0.1
+    cpu.submit(time.sleep, 0.2, kind="calibrate").result()  # start-up calibration: not live work
+    capacity.observe_video(1.0)
+    capacity.observe_speech(4.0)
+    assert capacity.cost == pytest.approx(0.05 + 0.1, rel=0.2)
+    # A window with speech but (almost) no video: rendering keeps its last cost per second of video.
+    cpu.submit(time.sleep, 0.2, kind="tts").result()
+    capacity.observe_video(0.2)
+    capacity.observe_speech(4.0)
+    assert capacity.cost == pytest.approx(0.15, rel=0.2)
+
+
 def test_overload_renders_fewer_faces_and_recovers(cpu: CpuScheduler) -> None:
     now = [0.0]
     capacity = Capacity(SessionConfig(degrade_late_share=0.1, recover_after_s=5.0), cpu, clock=lambda: now[0])

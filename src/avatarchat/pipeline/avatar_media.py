@@ -150,8 +150,11 @@ class LocalStream:
         elif deadline is not None and deadline <= time.perf_counter() and self._cpu.contended():
             hold = 2
             metrics.HALF_RATE_BATCHES.labels("due").inc()
-        return await self._work(deadline, _render_counted, self._stream, self._renderer, mouth, first_frame, audio,
+        data = await self._work(deadline, _render_counted, self._stream, self._renderer, mouth, first_frame, audio,
                                 hold, self._speech)
+        if self._capacity is not None:
+            self._capacity.observe_video(len(mouth) / self._stream.fps)
+        return data
 
     async def close(self) -> bytes:
         if self.closed:

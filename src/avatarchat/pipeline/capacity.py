@@ -3,8 +3,11 @@
 Admission (issue 13): a speaking session keeps a CPU slot of the scheduler busy ``cost`` seconds (LLM
 steps, TTS, rendering and encoding) per second of its speech. It is measured at start-up by a
 calibration that runs one spoken sentence through the engines (``calibrate_capacity``), then follows
-the live figures: the scheduler's busy slot-seconds over the seconds of speech synthesized
-(``observe_speech``), as a moving average. Slot-seconds, not process CPU time: they leave out what
+the live figures as a moving average: the scheduler's busy slot-seconds of rendering over the seconds
+of video rendered (``observe_video``), plus those of all other work over the seconds of speech
+synthesized (``observe_speech``). Each is divided by what it produced: speech is synthesized in
+bursts, pieces ahead of the video rendered at playback pace, and one ratio of both swung 0.13-0.22
+over a burst of turns. Slot-seconds, not process CPU time: they leave out what
 does not grow with sessions (the event loop, idle threads), and they grow when units slow each other
 down, which is what limits the scheduler. The
 process holds ``floor(slots × target_utilization / cost)`` sessions (within ``session.max_sessions``);
@@ -43,8 +46,10 @@ class Capacity:
         self._clock = clock
         self._lock = threading.Lock()
         self.cost: float | None = None  # core-seconds per second of speech
-        self._busy_mark = cpu.busy_seconds()
+        self._busy_mark = cpu.busy_by_kind()
         self._speech = 0.0  # seconds of speech synthesized since the mark
+        self._video = 0.0  # seconds of video rendered since the mark
+        self._render_cost: float | None = None  # of the cost, rendering's: slot-seconds per second of video
         self._late_mark = cpu.late_units()
         self._late_tts_mark = cpu.late_units("tts")
         self._units_mark = cpu.units()
@@ -59,17 +64,30 @@ class Capacity:
             self.cost = busy_core_s / speech_s
             self._publish()
 
+    def observe_video(self, seconds: float) -> None:
+        """Frames for ``seconds`` of a stream were rendered and encoded."""
+        with self._lock:
+            self._video += seconds
+
     def observe_speech(self, seconds: float) -> None:
         """A piece of speech was synthesized: fold the live cost in once enough has been spoken."""
         with self._lock:
             self._speech += seconds
             if self._speech < self._config.capacity_window_s:
                 return
-            busy = self._cpu.busy_seconds()
-            sample = (busy - self._busy_mark) / self._speech
-            self._busy_mark, self._speech = busy, 0.0
-        # The live figure moves the estimate a little at a time: one odd window does not swing admission.
-        self.cost = sample if self.cost is None else 0.7 * self.cost + 0.3 * sample
+            busy = self._cpu.busy_by_kind()
+            spent = {kind: t - self._busy_mark.get(kind, 0.0) for kind, t in busy.items()}
+            render = spent.pop("render", 0.0)
+            spent.pop("calibrate", None)
+            # Rendering per second of video when enough was rendered (a remote avatar service renders none).
+            per_video = render / self._video if self._video >= 1.0 else None
+            other = sum(spent.values()) / self._speech
+            self._busy_mark, self._speech, self._video = busy, 0.0, 0.0
+            if per_video is not None:
+                self._render_cost = per_video
+            sample = other + (self._render_cost or 0.0)
+            # The live figure moves the estimate a little at a time: one odd window does not swing admission.
+            self.cost = sample if self.cost is None else 0.7 * self.cost + 0.3 * sample
         self._publish()
 
     @property

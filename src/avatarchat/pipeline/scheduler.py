@@ -92,6 +92,7 @@ class CpuScheduler:
         self._running = 0
         self._closed = False
         self._busy = 0.0  # core-seconds of live work run so far
+        self._busy_kind: dict[str, float] = {}
         self._done = 0  # units run
         self._late = 0  # units that finished after their deadline (and the grace)
         self._late_kind: dict[str, int] = {}
@@ -157,6 +158,11 @@ class CpuScheduler:
 
     def busy_seconds(self) -> float:
         return self._busy
+
+    def busy_by_kind(self) -> dict[str, float]:
+        """Slot-seconds of live work run so far, by kind of unit."""
+        with self._cond:
+            return dict(self._busy_kind)
 
     def units(self) -> int:
         return self._done
@@ -242,6 +248,7 @@ class CpuScheduler:
             with self._cond:
                 self._running -= 1
                 self._busy += done - started
+                self._busy_kind[job.kind] = self._busy_kind.get(job.kind, 0.0) + done - started
                 self._done += 1
                 self._late += late
                 if late:
