@@ -523,46 +523,56 @@ class AvatarRenderer:
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, max(0, cols[0] - 3), cols[-1] + 4  # the gap, and its shadow's room
         ys, xs = f_sl[0].start + r0, f_sl[1].start + c0
         rs = (slice(ys, ys + r1 - r0), slice(xs, xs + min(c1, alpha.shape[1]) - c0))
-        a = alpha[r0:r1, c0:c1, None]
+        a = alpha[r0:r1, c0:c1]
         side = self._side[rs]
         tall = np.maximum(opening * self._gap_full[rs], 1.0)  # the gap's height in this column, px
         top = self._gap_v[rs] + opening * self._rise_full[rs]  # px below the upper lip's inner edge
         bottom = tall - top  # px above the lower lip's inner edge
         # The back of the mouth: darkest deep in the middle of the gap.
         deep = np.sin(np.float32(np.pi) * np.clip(top / tall, 0, 1)) * side
-        colour = self._throat_rgb * (1.1 - 0.4 * deep)[..., None]
         # The tongue: a dome rising from behind the lower teeth, lighter at its tip than at its back.
         dome = self._tongue_side[0][rs] * tall
-        cover = np.clip((dome - bottom) / 1.2, 0, 1) * np.clip(tall / 4 - 0.5, 0, 1)
+        tongue = np.clip((dome - bottom) / 1.2, 0, 1) * np.clip(tall / 4 - 0.5, 0, 1)
         tone = (0.6 + 0.4 * np.clip(1 - bottom / np.maximum(dome, 1.0), 0, 1)) * self._tongue_side[1][rs]
-        colour += (self._tongue_rgb * tone[..., None] - colour) * cover[..., None]
-        # Lower teeth, in the upper lip's shadow, once the jaw has dropped far enough to show them.
+        # Lower teeth, in the upper lip's shadow, once the jaw has dropped far enough to show them; upper teeth
+        # hanging from under the upper lip (the skull's; they do not move) unless the photo shows its own.
         low = min(0.04 * self._mouth_width, 0.2 * float(tall.max()))
-        self._teeth(colour, bottom, low, self._lower_teeth, rs, 0.9)
-        if self._draw_teeth:  # upper teeth, hanging from under the upper lip (the skull's; they do not move)
-            self._teeth(colour, top, 1.0, self._upper_teeth, rs, 1.0)
-        # The lips' moist inner edge, and the grain.
-        rim = np.exp(-((top / 1.3) ** 2)) + np.exp(-((bottom / 1.3) ** 2))
-        colour += (self._lip_rgb * 0.75 - colour) * (0.35 * np.clip(rim, 0, 1))[..., None]
-        colour *= (1 + self._grain[rs])[..., None]
-        block = region[r0:r1, c0:c1].astype(np.float32)
+        lower = self._teeth(bottom, low, self._lower_teeth, rs, 0.9)
+        upper = self._teeth(top, 1.0, self._upper_teeth, rs, 1.0) if self._draw_teeth else None
+        # The lips' moist inner edge.
+        rim = 0.35 * np.clip(np.exp(-((top / 1.3) ** 2)) + np.exp(-((bottom / 1.3) ** 2)), 0, 1)
+        # Layers from the front: each shows by its cover times what the layers before it leave, so the colour is
+        # one weighted sum of the layers' colours (one pass over RGB instead of one per layer).
+        left = a * (1 + self._grain[rs])  # the gap's share of each pixel, with the fine grain
+        colours, weights = [], []
+        for rgb, cover, shade in ((self._lip_rgb * 0.75, rim, None), (self._teeth_rgb, *(upper or (None, None))),
+                                  (self._teeth_rgb, *(lower or (None, None))), (self._tongue_rgb, tongue, tone)):
+            if cover is None:
+                continue
+            colours.append(rgb)
+            weights.append(left * cover if shade is None else left * cover * shade)
+            left = left * (1 - cover)
+        colours.append(self._throat_rgb)
+        weights.append(left * (1.1 - 0.4 * deep))
+        h, w = a.shape
+        colour = (np.stack(weights, -1).reshape(h * w, -1) @ np.stack(colours).astype(np.float32)).reshape(h, w, 3)
         # A soft shadow just outside the gap makes the lips' inner edge read as depth.
         near_gap = self._open_depth[f_sl][r0:r1, c0:c1] * opening > 1.0
-        shadow = (np.clip((depth[r0:r1, c0:c1] + 3.0) / 3.0, 0.0, 1.0) * near_gap)[..., None] * 0.18
-        block *= 1 - shadow
-        block += (colour - block) * a
+        shadow = np.clip((depth[r0:r1, c0:c1] + 3.0) / 3.0, 0.0, 1.0) * near_gap * 0.18
+        block = region[r0:r1, c0:c1].astype(np.float32)
+        block *= ((1 - shadow) * (1 - a))[..., None]
+        block += colour
         region[r0:r1, c0:c1] = np.clip(block, 0, 255).astype(np.uint8)
 
-    def _teeth(self, colour: np.ndarray, along: np.ndarray, scale: float, row: tuple[np.ndarray, ...],
-               rs: tuple[slice, slice], light: float) -> None:
-        """Draw a row of teeth (``_tooth_row``, heights times ``scale``) ``along`` px from its lip edge, a
-        little darker right under the lip."""
+    def _teeth(self, along: np.ndarray, scale: float, row: tuple[np.ndarray, ...], rs: tuple[slice, slice],
+               light: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """A row of teeth (``_tooth_row``, heights times ``scale``) ``along`` px from its lip edge, a little darker
+        right under the lip: how much it covers each pixel and its shade there (None where it shows nowhere)."""
         height = row[0][rs] * scale
         cover = np.clip(height * row[1][rs] - along, 0, 1) * np.clip(height - 1.0, 0, 1)
         if not cover.any():
-            return
-        shade = light * row[2][rs] * (0.8 + 0.2 * np.clip(along / 2.0, 0, 1))
-        colour += (self._teeth_rgb * shade[..., None] - colour) * cover[..., None]
+            return None
+        return cover, light * row[2][rs] * (0.8 + 0.2 * np.clip(along / 2.0, 0, 1))
 
     def idle_frames(self) -> Iterator[np.ndarray]:
         rest = np.zeros(3, np.float32)
