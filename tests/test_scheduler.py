@@ -176,3 +176,45 @@ def test_a_late_render_unit_does_not_wait_behind_long_units_on_every_slot() -> N
         assert late_tts.result(5) == "speech"
     finally:
         cpu.close()
+
+
+def test_a_render_unit_without_a_deadline_waits_and_the_late_lane_lives_on() -> None:
+    """A render unit due LATER (no deadline) is never late: the late lane leaves it to the slots, and still
+    rescues a late unit afterwards (it used to die computing how long to wait for an infinite deadline)."""
+    cpu = CpuScheduler(2)
+    try:
+        gate = _blocker(cpu)
+        whenever = cpu.submit(lambda: "whenever", kind="render")
+        time.sleep(0.1)
+        lane = next(t for t in cpu._threads if t.name == "cpu-late")
+        assert lane.is_alive() and not whenever.done()
+        late = cpu.submit(lambda: "frames", deadline=time.perf_counter() - 0.1, kind="render")
+        assert late.result(2) == "frames" and not whenever.done()
+        gate.set()
+        assert whenever.result(5) == "whenever"
+    finally:
+        cpu.close()
+
+
+def test_crowded_tells_a_unit_whether_other_work_waits_for_a_core() -> None:
+    from avatarchat.pipeline.scheduler import crowded
+
+    assert not crowded()  # outside the scheduler
+    cpu = CpuScheduler(1)
+    try:
+        assert cpu.submit(crowded).result(2) is False  # alone
+        gate = threading.Event()
+        started = threading.Event()
+
+        def first() -> bool:
+            started.set()
+            gate.wait(5)
+            return crowded()
+
+        one = cpu.submit(first)
+        started.wait(2)
+        other = cpu.submit(lambda: None)  # waits for the one core
+        gate.set()
+        assert one.result(2) is True and other.result(2) is None
+    finally:
+        cpu.close()

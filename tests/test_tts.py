@@ -2,6 +2,7 @@ import gc
 import shutil
 import sys
 import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -109,7 +110,7 @@ class _Recording:
 
 def test_piper_synthesizes_in_parallel_with_one_thread_each_beside_other_work(piper: PiperEngine) -> None:
     """Only espeak-ng's phonemizing is one text at a time: two pieces run the voice model at the same time, and
-    inside the CPU scheduler, beside other work, with the voice's one-thread session."""
+    inside the CPU scheduler, while other work waits for a core, with the voice's one-thread session."""
     from avatarchat.pipeline.scheduler import CpuScheduler
 
     assert piper._voice is not None and piper._single is not None
@@ -118,14 +119,18 @@ def test_piper_synthesizes_in_parallel_with_one_thread_each_beside_other_work(pi
     meet = threading.Barrier(2, timeout=10)
     piper._voice.session = _Recording(voice, "all", used, meet)
     piper._single = _Recording(single, "single", used, meet)
-    cpu = CpuScheduler(3)
+    cpu = CpuScheduler(2)
     release = threading.Event()
-    cpu.submit(release.wait, 30, kind="render")  # other live work, all along
+    for _ in range(2):  # both cores busy until every unit below is queued
+        cpu.submit(release.wait, 30, kind="render")
     try:
         texts = ["The sea is wide and deep today.", "Ask me anything you like."]
-        futures = [cpu.submit(piper.synthesize, t, kind="tts") for t in texts]
+        later = cpu.submit(time.sleep, 0, kind="render", deadline=time.perf_counter() + 60)  # waits for a core
+        futures = [cpu.submit(piper.synthesize, t, kind="tts", deadline=time.perf_counter()) for t in texts]
+        release.set()
         speeches = [f.result(timeout=30) for f in futures]
-        assert used == ["single", "single"]  # each beside the other: contended
+        assert used == ["single", "single"]  # other work waited for a core meanwhile
+        later.result(timeout=10)
         for speech, text in zip(speeches, texts):
             assert speech.text == text and speech.duration > 1.0 and speech.phonemes
         # Alone, outside the scheduler: the session with every thread.

@@ -64,11 +64,12 @@ current: contextvars.ContextVar[Callable[[], float] | None] = contextvars.Contex
 _unit = threading.local()  # .scheduler: the scheduler whose unit this thread is running
 
 
-def contended() -> bool:
-    """Inside a unit of live work: is other work running or waiting beside it? (An engine then computes with
-    one thread, leaving the other core to that work.) False outside the scheduler's units."""
+def crowded() -> bool:
+    """Inside a unit of live work: is other live work waiting for a core? (An engine then computes with one
+    thread and leaves the other cores to it; with nothing waiting, a turn's first piece gets every core.)
+    False outside the scheduler's units."""
     cpu = getattr(_unit, "scheduler", None)
-    return cpu is not None and cpu.contended()
+    return cpu is not None and cpu.waiting() > 0
 
 
 class _Job:
@@ -156,6 +157,10 @@ class CpuScheduler:
         with self._cond:
             return self._running > 1 or bool(self._heap)
 
+    def waiting(self) -> int:
+        """Units waiting for a core."""
+        return len(self._heap)
+
     def busy_seconds(self) -> float:
         return self._busy
 
@@ -208,7 +213,7 @@ class CpuScheduler:
         if self._running < self.slots:
             return None, None  # a slot is free: the regular workers take it
         now = time.perf_counter()
-        renders = [(d, job) for d, _, job in self._heap if job.kind in RESCUED]
+        renders = [(d, job) for d, _, job in self._heap if job.kind in RESCUED and d != LATER]
         if not renders:
             return None, None
         deadline, job = min(renders, key=lambda r: r[0])

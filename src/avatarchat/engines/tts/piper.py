@@ -16,7 +16,7 @@ import numpy as np
 from avatarchat.config import PiperConfig
 from avatarchat.engines.tts.base import TTSError
 from avatarchat.engines.types import PhonemeTiming, Speech
-from avatarchat.pipeline.scheduler import contended
+from avatarchat.pipeline.scheduler import crowded
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ class PiperEngine:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             return onnxruntime.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
 
-        # Beside other live work, one thread: two threads then wait for each other at every op, and a
-        # piece cost 0.096 slot-seconds per second of speech against 0.086 (two pieces at once, 2 cores).
+        # One thread while other live work waits for a core: two threads then wait for each other at every op,
+        # and a piece cost 0.096 slot-seconds per second of speech against 0.086 (two pieces at once, 2 cores).
         single = session(1) if self._config.threads > 1 else None
         session_all = session(self._config.threads)
         import json
@@ -162,7 +162,7 @@ class PiperEngine:
             # right width; onnxruntime runs sessions from several threads at once.
             voice = copy.copy(self._voice)
             voice.phonemize = lambda _text: sentences
-            if self._single is not None and contended():
+            if self._single is not None and crowded():
                 voice.session = self._single
             chunks = list(voice.synthesize(text, syn_config=syn, include_alignments=True))
         except Exception as e:
