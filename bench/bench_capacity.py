@@ -166,11 +166,14 @@ async def run(base: str, pid: int, n: int, mode: str, stagger_s: float, offset: 
 
 
 def busy_by_kind(base: str) -> dict[str, float]:
-    """The server's CPU-slot seconds so far, by kind of unit (render, tts, llm, asr...), from /metrics."""
+    """The server's CPU-slot seconds so far, by kind of unit (render, tts, llm, asr...), and the CPU time of the
+    units' own threads (less when they wait for a core or the GIL), from /metrics."""
     text = httpx.get(f"http://{base}/metrics", timeout=10).text
     found = re.findall(r'^avatarchat_cpu_busy_seconds_total\{kind="([^"]+)"\} ([0-9.e+-]+)$', text, re.M)
     frames = re.search(r"^avatarchat_frames_total ([0-9.e+-]+)$", text, re.M)
-    return {**{kind: float(value) for kind, value in found}, "frames": float(frames.group(1)) if frames else 0.0}
+    own = re.findall(r'^avatarchat_cpu_thread_seconds_total\{kind="([^"]+)"\} ([0-9.e+-]+)$', text, re.M)
+    return {**{kind: float(value) for kind, value in found}, **{f"{kind} (own CPU)": float(v) for kind, v in own},
+            "frames": float(frames.group(1)) if frames else 0.0}
 
 
 async def main() -> None:

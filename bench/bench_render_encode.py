@@ -57,15 +57,15 @@ def main() -> None:
     print(f"machine: {machine()}; pinned to 1 core; {args.runs} runs × {args.frames} frames at 512×512, {kind}")
     variants = {kind: renderer}
     if args.video is None:
-        # The server keeps the idle frames (engines/avatar/frame_cache.py); its first pass over the 8 s loop
-        # renders them, later ones reuse them. The same renderer without the cache is the baseline.
-        variants = {"portrait, idle frames cached": AvatarRenderer(model, cache=FrameCache(256 << 20)),
-                    "portrait, no cache (baseline)": renderer}
+        # The server keeps the idle frames in I420 (engines/avatar/frame_cache.py); its first pass over the 8 s
+        # loop renders them, later ones reuse them. The renderer without the cache, in RGB, is the baseline.
+        variants = {"portrait, idle frames cached, I420": AvatarRenderer(model, cache=FrameCache(256 << 20)),
+                    "portrait, no cache, RGB (baseline)": renderer}
     results: dict[str, tuple[np.ndarray, np.ndarray, list[float]]] = {name: (np.zeros(0), np.zeros(0), [])
                                                                       for name in variants}
     for _ in range(args.runs):  # interleaved, so that the machine's noise hits both alike
         for name, each in variants.items():
-            r, e, fps = measure(each, mouth, args.frames)
+            r, e, fps = measure(each, mouth, args.frames, i420="I420" in name)
             old_r, old_e, runs = results[name]
             results[name] = (np.concatenate([old_r, r]), np.concatenate([old_e, e]), [*runs, fps])
     report = {}
@@ -87,8 +87,10 @@ def main() -> None:
     dump("render_encode", report)
 
 
-def measure(renderer: AvatarRendererProtocol, mouth: np.ndarray, frames: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """One run: per-frame render and encode times (ms) and the run's frames per second."""
+def measure(renderer: AvatarRendererProtocol, mouth: np.ndarray, frames: int,
+            i420: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """One run: per-frame render and encode times (ms) and the run's frames per second. ``i420``: as the server
+    renders a portrait (``render_yuv``, the encoder's format; pipeline/media.py)."""
     render_ms: list[float] = []
     encode_ms: list[float] = []
     stream = Fmp4Stream(512, 512, 25, 22050, threads=1)
@@ -96,9 +98,12 @@ def measure(renderer: AvatarRendererProtocol, mouth: np.ndarray, frames: int) ->
     start = time.perf_counter()
     for i, row in enumerate(mouth):
         t0 = time.perf_counter()
-        frame = renderer.render(i, row)
+        frame = renderer.render_yuv(i, row) if i420 else renderer.render(i, row)  # type: ignore[attr-defined]
         t1 = time.perf_counter()
-        stream.add_frame(frame)
+        if i420:
+            stream.add_yuv(frame)
+        else:
+            stream.add_frame(frame)
         stream.take()
         t2 = time.perf_counter()
         render_ms.append((t1 - t0) * 1000)

@@ -178,17 +178,25 @@ def test_stress_marks_take_the_next_vowel() -> None:
 
 
 def test_cached_idle_frames_give_the_same_frames_for_less_work(model: AvatarModel) -> None:
-    """With the idle frames cached, a speaking frame warps only the mouth's region (and shades only where the
-    inside can show): the frames are the same, pixel for pixel, over blinks, head motion and every kind of
-    mouth, and the cache stays within its budget."""
+    """With the idle frames cached (in I420, the encoder's format), a speaking frame warps and converts only the
+    mouth's region, and shades only where the inside can show: the frames are the same, pixel for pixel, as
+    the whole frame rendered and converted, over blinks, head motion and every kind of mouth; the cache stays
+    within its budget."""
+    import cv2
+
     from avatarchat.engines.avatar.frame_cache import FrameCache
 
     plain = AvatarRenderer(model)
-    plain._gap_box = None  # and the mouth's inside shaded over the whole mouth region, not just where it can show
-    budget = 40 * model.image.nbytes
+    plain._gap_box = None  # the mouth's inside shaded over the whole mouth region
+    i420 = model.image.nbytes // 2
+    budget = 40 * i420
     cache = FrameCache(budget)
     cached = AvatarRenderer(model, cache=cache)
-    assert cached._mouth_alone
+    assert cached._mouth_even is not None
+
+    def want(k: int, row: np.ndarray) -> np.ndarray:
+        return cv2.cvtColor(plain.render(k, row), cv2.COLOR_RGB2YUV_I420)
+
     rng = np.random.default_rng(3)
     rows = [np.zeros(3, np.float32), np.array([0.9, 0.0, 0.0], np.float32), np.array([0.0, -0.6, 0.0], np.float32),
             np.array([0.05, 0.0, 0.7], np.float32)]
@@ -196,20 +204,19 @@ def test_cached_idle_frames_give_the_same_frames_for_less_work(model: AvatarMode
     frames = [*blinking[:4], 3, 77, 150, 199, 200 + blinking[0], 1234]
     for k in frames:
         for row in [*rows, rng.uniform([0, -0.6, 0], [1, 0.7, 0.7]).astype(np.float32)]:
-            want = plain.render(k, row)
-            assert np.array_equal(cached.render(k, row), want), (k, row)
-            out = np.zeros_like(want)
-            assert cached.render(k, row, out=out) is out and np.array_equal(out, want)
+            assert np.array_equal(cached.render_yuv(k, row), want(k, row)), (k, row)
     assert 0 < cache.bytes <= budget and len(cache) == len({k % 200 for k in frames})
     # Writing into a returned frame does not change what the cache holds.
-    frame = cached.render(3, rows[0])
+    frame = cached.render_yuv(3, rows[0])
     frame[:] = 0
-    assert np.array_equal(cached.render(3, rows[0]), plain.render(3, rows[0]))
+    assert np.array_equal(cached.render_yuv(3, rows[0]), want(3, rows[0]))
     # Past the budget the least recently used frames go, and come back rendered the same.
     for k in range(100):
-        cached.render(k, rows[1])
+        cached.render_yuv(k, rows[1])
     assert cache.bytes <= budget and len(cache) == 40
-    assert np.array_equal(cached.render(frames[0], rows[1]), plain.render(frames[0], rows[1]))
+    assert np.array_equal(cached.render_yuv(frames[0], rows[1]), want(frames[0], rows[1]))
+    # And the RGB frame is the same whatever the cache holds.
+    assert np.array_equal(cached.render(77, rows[1]), plain.render(77, rows[1]))
 
 
 def test_frame_cache_is_bounded_and_keeps_read_only_copies() -> None:

@@ -88,3 +88,24 @@ def test_piece_audio_is_sliced_at_frame_boundaries_with_a_lead() -> None:
     assert piece.audio_until(2, lead=100) == 2 * 882 + 100
     assert piece.audio_until(9, lead=5000) == 10 * 882  # never past the piece
     assert piece.audio_until(10) == piece.audio_until(12) == 10 * 882
+
+
+def test_frames_given_in_i420_make_the_same_stream_as_rgb() -> None:
+    """A renderer that gives the encoder's own format (I420) skips the conversion: the same bytes come out, and
+    the last frame is still repeated to cover the audio's tail at close()."""
+    import cv2
+
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 255, (64, 96, 3), np.uint8) for _ in range(6)]
+    audio = np.zeros(int(22050 * 0.5), np.float32)  # longer than the 6 frames: the tail needs repeats
+    out = []
+    for as_i420 in (False, True):
+        stream = Fmp4Stream(96, 64, 25, 22050, threads=1)
+        stream.start()
+        stream.add_audio(audio)
+        for f in frames:
+            stream.add_yuv(cv2.cvtColor(f, cv2.COLOR_RGB2YUV_I420)) if as_i420 else stream.add_frame(f)
+        data = stream.take() + stream.close()
+        assert stream.frames == 13  # 0.5 s at 25 fps, rounded up by the AAC frames
+        out.append(data)
+    assert out[0] == out[1]

@@ -67,6 +67,10 @@ CPU_BUSY_SECONDS = Counter(
     "avatarchat_cpu_busy_seconds_total", "Core-seconds of live work run by the scheduler, by kind.", ["kind"],
     registry=REGISTRY,
 )
+CPU_THREAD_SECONDS = Counter(
+    "avatarchat_cpu_thread_seconds_total", "CPU time of the scheduler's units' own threads, by kind: below the "
+    "busy seconds when units wait for a core or for Python's GIL.", ["kind"], registry=REGISTRY,
+)
 CPU_LATE = Counter(
     "avatarchat_cpu_late_total", "Units of CPU work that finished after their deadline, by kind.", ["kind"],
     registry=REGISTRY,

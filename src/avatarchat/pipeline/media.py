@@ -108,9 +108,13 @@ def render_batch(
             stream.add_frame(face)
         speech.forget_before(first_frame)
         return stream.take()
+    in_i420 = getattr(renderer, "render_yuv", None)  # a renderer that gives the encoder's own format
     image = None
     for k, row in enumerate(mouth):
         if image is None or (first_frame + k) % hold == 0:
-            image = renderer.render(first_frame + k, row)
-        stream.add_frame(image)
+            image = in_i420(first_frame + k, row) if in_i420 is not None else renderer.render(first_frame + k, row)
+        if in_i420 is not None:
+            stream.add_yuv(image)
+        else:
+            stream.add_frame(image)
     return stream.take()

@@ -238,7 +238,7 @@ class CpuScheduler:
             self._execute(job)
 
     def _execute(self, job: _Job) -> None:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         _unit.scheduler = self
         try:
             result = job.fn(*job.args)
@@ -260,6 +260,7 @@ class CpuScheduler:
                     self._late_kind[job.kind] = self._late_kind.get(job.kind, 0) + 1
             metrics.CPU_WAIT_SECONDS.labels(job.kind).observe(started - job.submitted)
             metrics.CPU_BUSY_SECONDS.labels(job.kind).inc(done - started)
+            metrics.CPU_THREAD_SECONDS.labels(job.kind).inc(time.thread_time() - started_cpu)
             if late:
                 metrics.CPU_LATE.labels(job.kind).inc()
 

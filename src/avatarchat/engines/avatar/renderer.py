@@ -105,6 +105,19 @@ def _edge_taper(shape: tuple[int, int], margin: float) -> np.ndarray:
     return np.minimum(_smoothstep(0.0, margin, ys)[:, None], _smoothstep(0.0, margin, xs)[None, :]).astype(np.float32)
 
 
+def _paste_i420(frame: np.ndarray, part: np.ndarray, r: _Rect, size: tuple[int, int]) -> np.ndarray:
+    """Paste ``part`` (I420 of the even-aligned rect ``r``) into ``frame`` (I420 of an image of ``size`` h, w)."""
+    big_h, big_w = size
+    h, w = r.y1 - r.y0, r.x1 - r.x0
+    frame[r.y0 : r.y1, r.x0 : r.x1] = part[:h]
+    f, p = frame.reshape(-1), part.reshape(-1)
+    big, small = big_h * big_w, h * w
+    for k in range(2):  # U, then V: each a quarter-size plane after Y
+        plane = f[big + k * big // 4 : big + (k + 1) * big // 4].reshape(big_h // 2, big_w // 2)
+        plane[r.y0 // 2 : r.y1 // 2, r.x0 // 2 : r.x1 // 2] = p[small + k * small // 4 : small + (k + 1) * small // 4].reshape(h // 2, w // 2)
+    return frame
+
+
 def _curve(frame: _Frame, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     u, v = frame.uv(pts[:, 0], pts[:, 1])
     order = np.argsort(u)
@@ -128,10 +141,14 @@ class AvatarRenderer:
         self._build_mouth(lm)
         self._build_eyes(lm)
         self._build_idle()
-        # A cached idle frame is reused around the mouth only if no lid is drawn in the mouth's region.
-        m = self._mouth_rect
-        self._mouth_alone = not any(e.rect.y0 < m.y1 and m.y0 < e.rect.y1 and e.rect.x0 < m.x1 and m.x0 < e.rect.x1
-                                    for e in self._eyes)
+        # A cached idle frame is reused around the mouth only if no lid is drawn in the mouth's region, which is
+        # widened to even rows and columns (I420 keeps a colour sample per 2x2 pixels).
+        m, h, w = self._mouth_rect, *img.shape[:2]
+        m = _Rect(m.y0 - m.y0 % 2, m.y1 + m.y1 % 2, m.x0 - m.x0 % 2, m.x1 + m.x1 % 2)
+        alone = not any(e.rect.y0 < m.y1 and m.y0 < e.rect.y1 and e.rect.x0 < m.x1 and m.x0 < e.rect.x1
+                        for e in self._eyes)
+        inside = self._roi.y0 <= m.y0 and m.y1 <= self._roi.y1 and self._roi.x0 <= m.x0 and m.x1 <= self._roi.x1
+        self._mouth_even = m if alone and inside and h % 2 == 0 and w % 2 == 0 else None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -428,26 +445,30 @@ class AvatarRenderer:
 
     def render(self, frame_index: int, mouth: np.ndarray | Sequence[float], out: np.ndarray | None = None) -> np.ndarray:
         opening, wide, press = (float(x) for x in mouth[:3])
-        if self._cache is None or not self._mouth_alone:
-            return self._render(frame_index, opening, wide, press, out)
-        # The idle frame (head motion, blinks) from the cache, and only the mouth's region warped anew.
+        return self._render(frame_index, opening, wide, press, out)
+
+    def render_yuv(self, frame_index: int, mouth: np.ndarray | Sequence[float]) -> np.ndarray:
+        """The frame in I420, as the encoder takes it (``cv2.COLOR_RGB2YUV_I420`` of ``render``). The idle frame
+        (head motion, blinks) comes from the cache; only the mouth's region is warped and converted anew."""
+        opening, wide, press = (float(x) for x in mouth[:3])
+        r = self._mouth_even
+        if self._cache is None or r is None:
+            return cv2.cvtColor(self._render(frame_index, opening, wide, press, None), cv2.COLOR_RGB2YUV_I420)
         key = (self._owner, frame_index % self.idle_period_frames)
         idle = self._cache.get(key)
         if idle is None:
-            idle = self._cache.put(key, self._render(frame_index, 0.0, 0.0, 0.0, None))
-        if out is None:
-            out = idle.copy()
-        else:
-            out[...] = idle
+            idle = self._cache.put(key, cv2.cvtColor(self._render(frame_index, 0.0, 0.0, 0.0, None),
+                                                     cv2.COLOR_RGB2YUV_I420))
+        out = idle.copy()
         if opening or wide or press:
-            r = self._mouth_rect
-            out[r.y0 : r.y1, r.x0 : r.x1] = self._mouth(frame_index, opening, wide, press, r.within(self._roi))
+            part = cv2.cvtColor(self._mouth(frame_index, opening, wide, press, r), cv2.COLOR_RGB2YUV_I420)
+            _paste_i420(out, part, r, self._image.shape[:2])
         return out
 
     def _render(self, frame_index: int, opening: float, wide: float, press: float, out: np.ndarray | None) -> np.ndarray:
         """The whole head region warped: idle motion, lids and mouth."""
         tx, ty, roll, blink = self.idle_state(frame_index)
-        roi = self._mouth(frame_index, opening, wide, press, (slice(None), slice(None)))
+        roi = self._mouth(frame_index, opening, wide, press, self._roi)
         if blink > 0:
             ox, oy = self.mouth_shift(frame_index)
             for eye in self._eyes:
@@ -468,10 +489,11 @@ class AvatarRenderer:
         out[r.y0 : r.y1, r.x0 : r.x1] = roi
         return out
 
-    def _mouth(self, frame_index: int, opening: float, wide: float, press: float, sl: tuple[slice, slice]) -> np.ndarray:
-        """The part ``sl`` of the head region (ROI coordinates; the whole of it, or the mouth's rect) warped by
-        the head's idle motion and the mouth's coefficients, with the mouth's inside shaded."""
+    def _mouth(self, frame_index: int, opening: float, wide: float, press: float, area: _Rect) -> np.ndarray:
+        """The part ``area`` of the head region (the whole of it, or around the mouth) warped by the head's idle
+        motion and the mouth's coefficients, with the mouth's inside shaded."""
         tx, ty, roll, _ = self.idle_state(frame_index)
+        sl = area.within(self._roi)
         mx = cv2.scaleAdd(self._hw[sl], tx, self._gx[sl])
         mx = cv2.scaleAdd(self._hy[sl], -roll, mx)
         my = cv2.scaleAdd(self._hw[sl], ty, self._gy[sl])
@@ -479,9 +501,7 @@ class AvatarRenderer:
         # The head moves the features: shift their fields by the head's motion at the mouth (whole px).
         ox, oy = self.mouth_shift(frame_index)
         mrect = self._mouth_rect
-        m_sl = mrect.within(self._roi)
-        if sl[0].start is not None:  # the mouth's rect itself
-            m_sl = (slice(None), slice(None))
+        m_sl = mrect.within(area)
         f_sl = (slice(PAD - oy, PAD - oy + mrect.y1 - mrect.y0), slice(PAD - ox, PAD - ox + mrect.x1 - mrect.x0))
         if opening or wide or press:
             sub_x, sub_y = mx[m_sl], my[m_sl]

@@ -83,8 +83,8 @@ class Fmp4Stream:
         self._samples = 0  # audio samples handed to the encoder
         self._pending = np.zeros(0, np.float32)  # audio not yet a whole AAC frame
         self._closed = False
-        self._last_rgb: np.ndarray | None = None  # repeated at close() to cover the AAC tail
-        self._last_yuv: np.ndarray | None = None
+        self._last_rgb: np.ndarray | None = None
+        self._last_yuv: np.ndarray | None = None  # repeated at close() to cover the AAC tail
 
     def start(self) -> None:
         """Open the encoders and write the init segment now rather than at the first frame, so a stream
@@ -116,10 +116,13 @@ class Fmp4Stream:
         """Append one RGB frame (H, W, 3) uint8. The stream keeps a reference: do not change it afterwards."""
         # OpenCV's SIMD RGB→I420 is several times faster than swscale's path inside PyAV. The same image
         # again (a face held for two frames under load) is not converted again.
-        if rgb is not self._last_rgb or self._last_yuv is None:
-            self._last_yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+        same = rgb is self._last_rgb and self._last_yuv is not None
+        self.add_yuv(self._last_yuv if same else cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420))  # type: ignore[arg-type]
         self._last_rgb = rgb
-        yuv = self._last_yuv
+
+    def add_yuv(self, yuv: np.ndarray) -> None:
+        """Append one I420 frame ((H·3/2, W) uint8, as ``cv2.COLOR_RGB2YUV_I420`` gives). Kept: do not change it."""
+        self._last_rgb, self._last_yuv = None, yuv
         frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self._frames
         frame.time_base = Fraction(1, self.fps)
@@ -145,9 +148,9 @@ class Fmp4Stream:
             tail[: len(self._pending)] = self._pending
             self._pending = np.zeros(0, np.float32)
             self._encode_audio(tail, size)
-        last = self._last_rgb
+        last = self._last_yuv
         while last is not None and (self._frames + 0.5) / self.fps < self._samples / self.audio_rate:
-            self.add_frame(last)
+            self.add_yuv(last)
         self._closed = True
         for packet in self._video.encode(None):
             self._container.mux(packet)
