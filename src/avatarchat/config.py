@@ -372,9 +372,10 @@ class AvatarConfig(BaseModel):
         return max(self.max_upload_bytes, self.clip.max_bytes if self.clip.enabled else 0)
 
     idle_cache_mb: int = Field(
-        256, ge=0, description="Rendered idle frames (head motion, blinks) kept for all sessions, so a speaking frame "
-        "warps only the mouth's region: a third of the rendering CPU. A portrait's 8 s loop at 512x512 is 157 MB; "
-        "beyond the budget the least recently used frames are dropped and rendered again. 0: off.",
+        240, ge=0, description="Rendered idle frames (head motion, blinks; in I420) kept for all sessions, so a "
+        "speaking frame warps and converts only the mouth's region: 0.55x the CPU of a whole frame. A portrait's "
+        "8 s loop at 512x512 is 79 MB (three fit the default); beyond the budget the least recently used frames "
+        "are dropped and rendered again. 0: off.",
     )
     max_cached_renderers: int = Field(
         8, ge=1, description="Avatar renderers kept in memory (~7 MB each), the least recently used dropped first; "
