@@ -434,7 +434,7 @@ class SessionConfig(BaseModel):
         "admit up to max_sessions whatever the load (for a known, provisioned deployment).",
     )
     target_utilization: float = Field(
-        0.7, gt=0, le=1, description="Share of the cores that speaking sessions may use; the rest absorbs new turns.",
+        0.75, gt=0, le=1, description="Share of the cores that speaking sessions may use; the rest absorbs new turns.",
     )
     capacity_window_s: float = Field(
         20.0, gt=0, description="Seconds of synthesized speech between two updates of the measured cost per session.",

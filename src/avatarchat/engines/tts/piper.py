@@ -136,6 +136,12 @@ class PiperEngine:
         self._voice = PiperVoice(session=session_all, config=config)
         self._single = single
         self.synthesize("Ready.")  # first run allocates; keep that off the first turn
+        if single is not None:
+            from piper.config import SynthesisConfig
+
+            warm = copy.copy(self._voice)  # and the one-thread session's first run
+            warm.session = single
+            warm.phoneme_ids_to_audio(warm.phonemes_to_ids(warm.phonemize("Ready.")[0]), SynthesisConfig())
         fix_phoneme_leak()  # after a first synthesis: espeak-ng is initialized, a voice set
 
     @property
