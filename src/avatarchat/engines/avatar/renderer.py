@@ -6,7 +6,9 @@ weight that fades to zero before the region's border, so warps never leave seams
 ``cv2.remap`` of the head region with map = grid − Σ coefficient·field, then anti-aliased shading of the
 oral cavity where a pixel's source lies across the lip line (the gap that opens between the lips).
 Idle life (blinks, small head motion) is a periodic function of the frame index, so the idle loop
-is seamless and motion continues across pieces of speech.
+is seamless and motion continues across pieces of speech. It is also the same in every session: the
+live path (``render_yuv``) takes the idle frame from a shared cache, in the encoder's I420, and warps,
+shades and converts only the mouth's region.
 """
 
 from __future__ import annotations
