@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
 
+import cv2
+
 from avatarchat import metrics
 from avatarchat.config import Settings
 from avatarchat.engines.asr.base import ASREngine
@@ -126,8 +128,6 @@ class Engines:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        import cv2
-
         # A CPU slot is one core: OpenCV's own worker threads would compete with the other slots' units
         # (two render units at once: 2.2 against 2.4 ms a frame).
         cv2.setNumThreads(1)

@@ -29,8 +29,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from avatarchat import metrics
 from avatarchat.config import SessionConfig
 from avatarchat.pipeline.scheduler import CpuScheduler
@@ -151,13 +149,8 @@ async def calibrate_capacity(engines: Engines, *, render: bool = True) -> None:
     text, question = _CALIBRATION[s.profile]
 
     def speak_and_render() -> tuple[float, float]:
-        if render:  # a live frame reuses the idle frames (the cache), so calibrate on them too
-            renderer = engines.avatars.renderer(s.avatar.default)
-            in_i420 = getattr(renderer, "render_yuv", None)
-            if in_i420 is not None:
-                rest = np.zeros(3, np.float32)
-                for k in range(getattr(renderer, "idle_period_frames", 0)):
-                    in_i420(k, rest)
+        if render and (warm := getattr(engines.avatars.renderer(s.avatar.default), "warm", None)):
+            warm()  # a live frame reuses the cached idle frames, so calibrate on them too
         start = time.perf_counter()
         speech = engines.tts.synthesize(text)
         if isinstance(engines.tts, RemoteTTSEngine):

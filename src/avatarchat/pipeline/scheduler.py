@@ -92,8 +92,7 @@ class CpuScheduler:
         self._cond = threading.Condition()
         self._running = 0
         self._closed = False
-        self._busy = 0.0  # core-seconds of live work run so far
-        self._busy_kind: dict[str, float] = {}
+        self._busy_kind: dict[str, float] = {}  # slot-seconds of live work run so far, by kind
         self._done = 0  # units run
         self._late = 0  # units that finished after their deadline (and the grace)
         self._late_kind: dict[str, int] = {}
@@ -162,7 +161,7 @@ class CpuScheduler:
         return len(self._heap)
 
     def busy_seconds(self) -> float:
-        return self._busy
+        return sum(self.busy_by_kind().values())
 
     def busy_by_kind(self) -> dict[str, float]:
         """Slot-seconds of live work run so far, by kind of unit."""
@@ -252,7 +251,6 @@ class CpuScheduler:
             late = job.deadline != LATER and done > job.deadline + self.late_grace_s
             with self._cond:
                 self._running -= 1
-                self._busy += done - started
                 self._busy_kind[job.kind] = self._busy_kind.get(job.kind, 0.0) + done - started
                 self._done += 1
                 self._late += late

@@ -144,13 +144,13 @@ class AvatarRenderer:
         self._build_eyes(lm)
         self._build_idle()
         # A cached idle frame is reused around the mouth only if no lid is drawn in the mouth's region, which is
-        # widened to even rows and columns (I420 keeps a colour sample per 2x2 pixels).
-        m, h, w = self._mouth_rect, *img.shape[:2]
+        # widened to even rows and columns (I420 keeps a colour sample per 2x2 pixels; the rect lies PAD px
+        # inside the head region, so the widened one does too).
+        m = self._mouth_rect
         m = _Rect(m.y0 - m.y0 % 2, m.y1 + m.y1 % 2, m.x0 - m.x0 % 2, m.x1 + m.x1 % 2)
         alone = not any(e.rect.y0 < m.y1 and m.y0 < e.rect.y1 and e.rect.x0 < m.x1 and m.x0 < e.rect.x1
                         for e in self._eyes)
-        inside = self._roi.y0 <= m.y0 and m.y1 <= self._roi.y1 and self._roi.x0 <= m.x0 and m.x1 <= self._roi.x1
-        self._mouth_even = m if alone and inside and h % 2 == 0 and w % 2 == 0 else None
+        self._mouth_even = m if alone else None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -467,9 +467,16 @@ class AvatarRenderer:
             _paste_i420(out, part, r, self._image.shape[:2])
         return out
 
+    def warm(self) -> None:
+        """Put the idle loop's frames in the cache (what a live stream's first seconds would do)."""
+        if self._cache is not None:
+            rest = np.zeros(3, np.float32)
+            for k in range(self.idle_period_frames):
+                self.render_yuv(k, rest)
+
     def _render(self, frame_index: int, opening: float, wide: float, press: float, out: np.ndarray | None) -> np.ndarray:
         """The whole head region warped: idle motion, lids and mouth."""
-        tx, ty, roll, blink = self.idle_state(frame_index)
+        blink = self.idle_state(frame_index)[3]
         roi = self._mouth(frame_index, opening, wide, press, self._roi)
         if blink > 0:
             ox, oy = self.mouth_shift(frame_index)

@@ -139,10 +139,19 @@ class PiperEngine:
         if single is not None:
             from piper.config import SynthesisConfig
 
-            warm = copy.copy(self._voice)  # and the one-thread session's first run
-            warm.session = single
-            warm.phoneme_ids_to_audio(warm.phonemes_to_ids(warm.phonemize("Ready.")[0]), SynthesisConfig())
+            self._chunks("Ready.", SynthesisConfig(), single)  # and the one-thread session's first run
         fix_phoneme_leak()  # after a first synthesis: espeak-ng is initialized, a voice set
+
+    def _chunks(self, text: str, syn: Any, session: Any = None) -> list[Any]:
+        """Piper's own synthesis (ids, audio, alignments), in ``session`` (default: the voice's own). Only the
+        phonemizing holds the lock; onnxruntime runs a session from several threads at once."""
+        with self._lock:
+            sentences = self._voice.phonemize(text)
+        voice = copy.copy(self._voice)
+        voice.phonemize = lambda _text: sentences
+        if session is not None:
+            voice.session = session
+        return list(voice.synthesize(text, syn_config=syn, include_alignments=True))
 
     @property
     def sample_rate(self) -> int:
@@ -162,15 +171,7 @@ class PiperEngine:
         offset = 0
         sr = self.sample_rate
         try:
-            with self._lock:
-                sentences = self._voice.phonemize(text)
-            # Piper's own synthesis (ids, alignments) on the phonemes made above, in a session of the
-            # right width; onnxruntime runs sessions from several threads at once.
-            voice = copy.copy(self._voice)
-            voice.phonemize = lambda _text: sentences
-            if self._single is not None and crowded():
-                voice.session = self._single
-            chunks = list(voice.synthesize(text, syn_config=syn, include_alignments=True))
+            chunks = self._chunks(text, syn, self._single if self._single is not None and crowded() else None)
         except Exception as e:
             raise TTSError(f"Piper failed on {text[:60]!r}: {e}") from e
         for chunk in chunks:
